@@ -1,0 +1,219 @@
+"""Policies, decisions and the fallback chain (DESIGN 2.5 and 4.1).
+
+>>> from rbee.scheduler import Policy, State
+>>> policy = Policy.from_source('fn schedule_job(job, pools, workers) { workers.least_loaded() }')
+>>> state = State({"workers": [{"id": "w1", "slots": 2, "active": 1}, {"id": "w2", "slots": 2}]})
+>>> policy.decide({"id": "job-1", "model": "m"}, state).worker_id
+'w2'
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+from rbee import _engine
+from rbee.errors import PolicyCompileError, PolicyError
+
+__all__ = [
+    "DEFAULT_POLICY_SOURCE",
+    "Decision",
+    "Policy",
+    "PolicyError",
+    "Scheduler",
+    "State",
+]
+
+log = logging.getLogger("rbee.scheduler")
+
+State = _engine.State
+
+#: The built-in default of DESIGN 2.5: the least loaded available worker that
+#: serves the job's model (any available worker when the job names none).
+DEFAULT_POLICY_SOURCE = """\
+// rbee built-in default policy
+fn schedule_job(job, pools, workers) {
+    let candidates = if job.model == () { workers } else { workers.with_model(job.model) };
+    candidates.available().least_loaded()
+}
+"""
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+class Decision:
+    """The outcome of one scheduling decision.
+
+    ``kind`` is ``"dispatch"`` (``worker_id`` says where), ``"reject"``
+    (``reason`` is the code, ``status`` the HTTP status) or ``"wait"`` (the job
+    stays queued; ``reason`` says why, ``retry_after_ms`` when to look again).
+    ``actions`` lists what the queen should do first (evictions, worker starts).
+    ``fallback`` is None, or says which policy decided after which failures.
+    """
+
+    __slots__ = (
+        "kind",
+        "worker_id",
+        "reason",
+        "status",
+        "retry_after_ms",
+        "actions",
+        "logs",
+        "elapsed_us",
+        "operations",
+        "memory_peak_bytes",
+        "policy",
+        "fallback",
+    )
+
+    def __init__(self, raw: Mapping[str, Any], policy: str, fallback: dict | None = None):
+        self.kind: str = raw["kind"]
+        self.worker_id: str | None = raw["worker_id"]
+        self.reason: str | None = raw["reason"]
+        self.status: int | None = raw["status"]
+        self.retry_after_ms: int | None = raw["retry_after_ms"]
+        self.actions: list[dict] = raw["actions"]
+        self.logs: list[str] = raw["logs"]
+        self.elapsed_us: int = raw["elapsed_us"]
+        self.operations: int = raw["operations"]
+        self.memory_peak_bytes: int = raw["memory_peak_bytes"]
+        self.policy = policy
+        self.fallback = fallback
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        target = self.worker_id if self.kind == "dispatch" else self.reason
+        return f"<Decision {self.kind} {target!r} by {self.policy}>"
+
+
+class Policy:
+    """A compiled, sandboxed scheduling policy.
+
+    Compile errors raise :class:`PolicyCompileError` with line and column;
+    decisions raise the :class:`PolicyError` subclass for what went wrong.
+    """
+
+    __slots__ = ("_compiled", "source", "name")
+
+    def __init__(self, compiled: Any, source: str, name: str) -> None:
+        self._compiled = compiled
+        self.source = source
+        self.name = name
+
+    @classmethod
+    def from_source(
+        cls,
+        source: str,
+        *,
+        name: str = "<policy>",
+        limits: Mapping[str, int] | None = None,
+    ) -> "Policy":
+        compiled = _engine.CompiledPolicy(source, name, dict(limits) if limits else None)
+        return cls(compiled, source, name)
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, *, limits: Mapping[str, int] | None = None
+    ) -> "Policy":
+        path = Path(path)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PolicyCompileError("no such file", file=str(path)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyCompileError(f"cannot read the file ({exc})", file=str(path)) from None
+        if path.suffix.lower() in _YAML_SUFFIXES:
+            raise PolicyCompileError(
+                "YAML policies are not supported by this version; write the policy in Rhai",
+                file=str(path),
+            )
+        return cls.from_source(source, name=str(path), limits=limits)
+
+    @property
+    def limits(self) -> dict[str, int]:
+        return self._compiled.limits
+
+    def decide(self, job: Mapping[str, Any], state: Any, *, now_ms: int | None = None) -> Decision:
+        """Decides where ``job`` runs. ``state`` is a :class:`State` (converted
+        once, the fast path) or a plain dict (converted on every call)."""
+        if not isinstance(job, dict):
+            job = dict(job)
+        raw = self._compiled.decide(job, state, now_ms)
+        return Decision(raw, self.name)
+
+    def __repr__(self) -> str:
+        return f"<Policy {self.name}>"
+
+
+class Scheduler:
+    """Holds the active policy, the last policy that worked and the built-in
+    default, and falls back along that chain when a decision fails.
+
+    The fallback is recorded on the decision (``decision.fallback``), logged,
+    and counted in ``fallbacks`` by error code.
+    """
+
+    def __init__(
+        self, policy: Policy | None = None, *, limits: Mapping[str, int] | None = None
+    ) -> None:
+        self.default = Policy.from_source(
+            DEFAULT_POLICY_SOURCE, name="<built-in default>", limits=limits
+        )
+        self._lock = threading.Lock()
+        self._active = policy or self.default
+        self._last_good: Policy | None = None
+        self.fallbacks: dict[str, int] = {}
+
+    @property
+    def active(self) -> Policy:
+        return self._active
+
+    @property
+    def last_good(self) -> Policy | None:
+        return self._last_good
+
+    def set_policy(self, policy: Policy) -> None:
+        """Makes ``policy`` active; the last policy that worked stays as the
+        first fallback until the new one has decided successfully."""
+        with self._lock:
+            self._active = policy
+
+    def _chain(self) -> list[tuple[str, Policy]]:
+        with self._lock:
+            chain = [("active", self._active)]
+            if self._last_good is not None and self._last_good is not self._active:
+                chain.append(("last_good", self._last_good))
+            if self._active is not self.default:
+                chain.append(("default", self.default))
+        return chain
+
+    def decide(self, job: Mapping[str, Any], state: Any, *, now_ms: int | None = None) -> Decision:
+        failures: list[dict[str, Any]] = []
+        first_error: PolicyError | None = None
+        for role, policy in self._chain():
+            try:
+                decision = policy.decide(job, state, now_ms=now_ms)
+            except PolicyError as exc:
+                first_error = first_error or exc
+                failures.append(
+                    {"role": role, "policy": policy.name, **exc.to_dict(), "logs": exc.logs}
+                )
+                with self._lock:
+                    self.fallbacks[exc.code] = self.fallbacks.get(exc.code, 0) + 1
+                log.warning(
+                    "policy %s failed (%s) at %s: %s", policy.name, exc.code,
+                    exc.location(), exc.message,
+                )
+                continue
+            if policy is not self.default:
+                with self._lock:
+                    self._last_good = policy
+            if failures:
+                decision.fallback = {"used": role, "policy": policy.name, "failures": failures}
+            return decision
+        assert first_error is not None
+        raise first_error

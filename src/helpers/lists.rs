@@ -1,0 +1,411 @@
+//! Helpers that are methods on arrays of workers: selections, filters and
+//! aggregates. Each reads worker maps in place (they are shared, read-only
+//! values) and clones only the handles it returns.
+
+use std::cmp::Ordering;
+
+use rhai::{Array, Dynamic, Engine, FnPtr, ImmutableString, Map, NativeCallContext, FLOAT, INT};
+
+use super::{runtime, terminated, HelperResult};
+use crate::context::{self, stable_hash};
+use crate::native::NativeFn;
+use crate::record::with_map;
+use crate::state::{field, num, text};
+
+/// Reads `key` of a worker map; `()` for anything that is not a map.
+fn get(w: &Dynamic, key: &str) -> Dynamic {
+    field(w, key)
+}
+
+fn id_of(w: &Dynamic) -> Option<ImmutableString> {
+    text(&get(w, "id"))
+}
+
+/// Orders two elements that tie on every stated key: smallest `id` first,
+/// then the earlier position (for elements without ids).
+fn tie(a: &Dynamic, b: &Dynamic) -> Ordering {
+    match (id_of(a), id_of(b)) {
+        (Some(x), Some(y)) => x.cmp(&y),
+        _ => Ordering::Equal,
+    }
+}
+
+/// The element for which `better(a, b)` is never `Greater`, ties by id.
+fn best_by(arr: &Array, mut cmp: impl FnMut(&Dynamic, &Dynamic) -> Ordering) -> Dynamic {
+    let mut best: Option<&Dynamic> = None;
+    for w in arr {
+        best = match best {
+            None => Some(w),
+            Some(b) => match cmp(w, b).then_with(|| tie(w, b)) {
+                Ordering::Less => Some(w),
+                _ => Some(b),
+            },
+        };
+    }
+    best.cloned().unwrap_or(Dynamic::UNIT)
+}
+
+fn num_or(w: &Dynamic, key: &str, default: FLOAT) -> FLOAT {
+    num(&get(w, key)).unwrap_or(default)
+}
+
+fn by_load(a: &Dynamic, b: &Dynamic) -> Ordering {
+    num_or(a, "load", FLOAT::INFINITY).total_cmp(&num_or(b, "load", FLOAT::INFINITY))
+}
+
+fn by_vram_desc(a: &Dynamic, b: &Dynamic) -> Ordering {
+    num_or(b, "vram_free", -1.0).total_cmp(&num_or(a, "vram_free", -1.0))
+}
+
+pub fn least_loaded(arr: &mut Array) -> Dynamic {
+    best_by(arr, |a, b| by_load(a, b).then_with(|| by_vram_desc(a, b)))
+}
+
+fn most_vram_free(arr: &mut Array) -> Dynamic {
+    best_by(arr, |a, b| by_vram_desc(a, b).then_with(|| by_load(a, b)))
+}
+
+/// Positions of `arr` sorted by id, so rotation and random picks do not
+/// depend on how the script ordered the array.
+fn id_order(arr: &Array) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..arr.len()).collect();
+    order.sort_by(|&i, &j| tie(&arr[i], &arr[j]));
+    order
+}
+
+fn round_robin(arr: &mut Array) -> Dynamic {
+    if arr.is_empty() {
+        return Dynamic::UNIT;
+    }
+    let order = id_order(arr);
+    let mut key = Vec::new();
+    for &i in &order {
+        key.extend_from_slice(id_of(&arr[i]).unwrap_or_default().as_bytes());
+        key.push(0);
+    }
+    let set = stable_hash(&key);
+    let turn = context::with(|c| {
+        let mut counters = c.rotation.lock().unwrap();
+        let n = counters.entry(set).or_insert(0);
+        let turn = *n;
+        *n = n.wrapping_add(1);
+        turn
+    })
+    .unwrap_or(0);
+    arr[order[(turn % order.len() as u64) as usize]].clone()
+}
+
+fn random(arr: &mut Array) -> Dynamic {
+    if arr.is_empty() {
+        return Dynamic::UNIT;
+    }
+    let order = id_order(arr);
+    arr[order[(context::next_random() % arr.len() as u64) as usize]].clone()
+}
+
+fn power_of_two_choices(arr: &mut Array) -> Dynamic {
+    if arr.len() < 2 {
+        return arr.first().cloned().unwrap_or(Dynamic::UNIT);
+    }
+    let order = id_order(arr);
+    let n = arr.len() as u64;
+    let i = (context::next_random() % n) as usize;
+    let mut j = (context::next_random() % (n - 1)) as usize;
+    if j >= i {
+        j += 1;
+    }
+    let (a, b) = (&arr[order[i]], &arr[order[j]]);
+    match by_load(a, b).then_with(|| by_vram_desc(a, b)).then_with(|| tie(a, b)) {
+        Ordering::Greater => b.clone(),
+        _ => a.clone(),
+    }
+}
+
+fn sticky(arr: &mut Array, key: Dynamic) -> Dynamic {
+    let key = key.to_string();
+    let mut best: Option<(u64, &Dynamic)> = None;
+    for w in arr.iter() {
+        let mut bytes = key.as_bytes().to_vec();
+        bytes.push(0);
+        bytes.extend_from_slice(id_of(w).unwrap_or_default().as_bytes());
+        let score = stable_hash(&bytes);
+        if best.map_or(true, |(s, b)| score > s || (score == s && tie(w, b).is_lt())) {
+            best = Some((score, w));
+        }
+    }
+    best.map_or(Dynamic::UNIT, |(_, w)| w.clone())
+}
+
+/// Calls a key or predicate function on each element: natively when the
+/// policy's closure was compiled (see `native.rs`), through Rhai otherwise.
+struct Caller<'a> {
+    ctx: &'a NativeCallContext<'a>,
+    f: &'a FnPtr,
+    native: Option<NativeFn>,
+    with_index: bool,
+    native_calls: u64,
+}
+
+impl<'a> Caller<'a> {
+    fn new(ctx: &'a NativeCallContext<'a>, f: &'a FnPtr) -> Self {
+        let (native, arity) = context::with(|c| {
+            (c.natives.fns.get(f.fn_name()).cloned(), c.natives.arity.get(f.fn_name()).copied())
+        })
+        .unwrap_or((None, None));
+        let with_index = arity.map_or(false, |n| n == f.curry().len() + 2);
+        Caller { ctx, f, native, with_index, native_calls: 0 }
+    }
+
+    fn call(&mut self, item: &Dynamic, index: usize) -> HelperResult<Dynamic> {
+        if let Some(n) = &self.native {
+            if let Some(v) = n.eval(item, self.f.curry()) {
+                self.native_calls += 1;
+                if self.native_calls % 4096 == 0 {
+                    context::charge(4096).map_err(terminated)?;
+                }
+                return Ok(v.into_dynamic());
+            }
+        }
+        if self.with_index {
+            self.f.call_raw(self.ctx, None, [item.clone(), Dynamic::from_int(index as INT)])
+        } else {
+            self.f.call_raw(self.ctx, None, [item.clone()])
+        }
+    }
+
+    fn finish(self) -> HelperResult<()> {
+        context::charge(self.native_calls % 4096).map_err(terminated)
+    }
+}
+
+fn filter(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<Array> {
+    let mut caller = Caller::new(&ctx, &f);
+    let mut out = Array::new();
+    for (i, w) in arr.iter().enumerate() {
+        if caller.call(w, i)?.as_bool().unwrap_or(false) {
+            out.push(w.clone());
+        }
+    }
+    caller.finish()?;
+    Ok(out)
+}
+
+/// Orders sort keys: numbers by value, then strings; `()` and other types are
+/// not comparable and such elements are skipped.
+fn key_cmp(a: &Dynamic, b: &Dynamic) -> Option<Ordering> {
+    match (num(a), num(b)) {
+        (Some(x), Some(y)) => Some(x.total_cmp(&y)),
+        (Some(_), None) if b.is_string() => Some(Ordering::Less),
+        (None, Some(_)) if a.is_string() => Some(Ordering::Greater),
+        _ => match (text(a), text(b)) {
+            (Some(x), Some(y)) => Some(x.cmp(&y)),
+            _ => None,
+        },
+    }
+}
+
+fn comparable(k: &Dynamic) -> bool {
+    num(k).is_some() || k.is_string()
+}
+
+fn extreme_by(ctx: NativeCallContext, arr: &mut Array, f: FnPtr, max: bool) -> HelperResult<Dynamic> {
+    let mut caller = Caller::new(&ctx, &f);
+    let mut best: Option<(Dynamic, &Dynamic)> = None;
+    for (i, w) in arr.iter().enumerate() {
+        let k = caller.call(w, i)?;
+        if !comparable(&k) {
+            continue;
+        }
+        let better = match &best {
+            None => true,
+            Some((bk, bw)) => {
+                let mut o = key_cmp(&k, bk).unwrap_or(Ordering::Equal);
+                if max {
+                    o = o.reverse();
+                }
+                o.then_with(|| tie(w, bw)).is_lt()
+            }
+        };
+        if better {
+            best = Some((k, w));
+        }
+    }
+    caller.finish()?;
+    Ok(best.map_or(Dynamic::UNIT, |(_, w)| w.clone()))
+}
+
+fn weighted_random(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<Dynamic> {
+    if arr.is_empty() {
+        return Ok(Dynamic::UNIT);
+    }
+    let order = id_order(arr);
+    let mut caller = Caller::new(&ctx, &f);
+    let mut weights = Vec::with_capacity(arr.len());
+    for &i in &order {
+        let w = num(&caller.call(&arr[i], i)?).filter(|w| w.is_finite() && *w > 0.0);
+        weights.push(w.unwrap_or(0.0));
+    }
+    caller.finish()?;
+    let total: FLOAT = weights.iter().sum();
+    let draw = context::next_random();
+    if total <= 0.0 {
+        // No positive weight: every worker is as good as another.
+        return Ok(arr[order[(draw % arr.len() as u64) as usize]].clone());
+    }
+    let mut target = (draw >> 11) as FLOAT / (1u64 << 53) as FLOAT * total;
+    for (pos, w) in weights.iter().enumerate() {
+        if target < *w {
+            return Ok(arr[order[pos]].clone());
+        }
+        target -= w;
+    }
+    let last = weights.iter().rposition(|w| *w > 0.0).unwrap_or(0);
+    Ok(arr[order[last]].clone())
+}
+
+fn sum_keys(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<(Dynamic, usize)> {
+    let mut caller = Caller::new(&ctx, &f);
+    let (mut int_sum, mut float_sum, mut floats, mut n) = (0 as INT, 0.0 as FLOAT, false, 0);
+    for (i, w) in arr.iter().enumerate() {
+        let k = caller.call(w, i)?;
+        if let Ok(v) = k.as_int() {
+            int_sum = int_sum
+                .checked_add(v)
+                .ok_or_else(|| runtime("sum_by: integer overflow".into()))?;
+        } else if let Ok(v) = k.as_float() {
+            float_sum += v;
+            floats = true;
+        } else {
+            continue;
+        }
+        n += 1;
+    }
+    caller.finish()?;
+    let total = if floats {
+        Dynamic::from_float(float_sum + int_sum as FLOAT)
+    } else {
+        Dynamic::from_int(int_sum)
+    };
+    Ok((total, n))
+}
+
+fn count(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<INT> {
+    let mut caller = Caller::new(&ctx, &f);
+    let mut n = 0;
+    for (i, w) in arr.iter().enumerate() {
+        if caller.call(w, i)?.as_bool().unwrap_or(false) {
+            n += 1;
+        }
+    }
+    caller.finish()?;
+    Ok(n)
+}
+
+fn keep(arr: &Array, pred: impl Fn(&Map) -> bool) -> Array {
+    arr.iter()
+        .filter(|w| with_map(w, |m| pred(m)).unwrap_or(false))
+        .cloned()
+        .collect()
+}
+
+fn str_field_is(m: &Map, key: &str, want: &str) -> bool {
+    match m.get(key) {
+        Some(v) => match v.read_lock::<ImmutableString>() {
+            Some(s) => s.as_str() == want,
+            None => v
+                .read_lock::<Array>()
+                .map_or(false, |a| a.iter().any(|x| text(x).as_deref() == Some(want))),
+        },
+        None => false,
+    }
+}
+
+fn int_field(m: &Map, key: &str) -> Option<INT> {
+    m.get(key).and_then(|v| v.as_int().ok())
+}
+
+fn serves(m: &Map, names: &[ImmutableString]) -> bool {
+    let matches = |v: &Dynamic| text(v).map_or(false, |s| names.contains(&s));
+    m.get("model").map_or(false, matches)
+        || m.get("models")
+            .and_then(|v| v.read_lock::<Array>().map(|a| a.iter().any(matches)))
+            .unwrap_or(false)
+}
+
+fn model_names(reference: &str) -> Vec<ImmutableString> {
+    context::with(|c| c.state.model_names(reference))
+        .unwrap_or_else(|| vec![ImmutableString::from(reference)])
+}
+
+fn with_model(arr: &mut Array, reference: &str) -> Array {
+    let names = model_names(reference);
+    keep(arr, |m| serves(m, &names))
+}
+
+fn can_fit(arr: &mut Array, reference: &str) -> Array {
+    let Some(need) = super::queries::vram_required(reference) else { return Array::new() };
+    keep(arr, |m| m.get("vram_free").and_then(num).map_or(false, |free| free >= need as FLOAT))
+}
+
+fn in_region(arr: &mut Array, region: &str) -> Array {
+    keep(arr, |m| {
+        m.get("geo")
+            .and_then(|g| g.read_lock::<Map>().map(|g| str_field_is(&g, "region", region)))
+            .unwrap_or(false)
+            || str_field_is(m, "region", region)
+    })
+}
+
+fn by_id(arr: &mut Array, id: &str) -> Dynamic {
+    arr.iter()
+        .find(|w| id_of(w).as_deref() == Some(id))
+        .cloned()
+        .unwrap_or(Dynamic::UNIT)
+}
+
+pub fn register(engine: &mut Engine) {
+    engine
+        .register_fn("least_loaded", least_loaded)
+        .register_fn("most_vram_free", most_vram_free)
+        .register_fn("round_robin", round_robin)
+        .register_fn("random", random)
+        .register_fn("power_of_two_choices", power_of_two_choices)
+        .register_fn("first", |a: &mut Array| a.first().cloned().unwrap_or(Dynamic::UNIT))
+        .register_fn("last", |a: &mut Array| a.last().cloned().unwrap_or(Dynamic::UNIT))
+        .register_fn("sticky", sticky)
+        .register_fn("filter", filter)
+        .register_fn("min_by", |c: NativeCallContext, a: &mut Array, f: FnPtr| {
+            extreme_by(c, a, f, false)
+        })
+        .register_fn("max_by", |c: NativeCallContext, a: &mut Array, f: FnPtr| {
+            extreme_by(c, a, f, true)
+        })
+        .register_fn("weighted_random", weighted_random)
+        .register_fn("sum_by", |c: NativeCallContext, a: &mut Array, f: FnPtr| {
+            sum_keys(c, a, f).map(|(s, _)| s)
+        })
+        .register_fn("avg_by", |c: NativeCallContext, a: &mut Array, f: FnPtr| {
+            sum_keys(c, a, f).map(|(s, n)| match n {
+                0 => Dynamic::UNIT,
+                n => Dynamic::from_float(num(&s).unwrap_or(0.0) / n as FLOAT),
+            })
+        })
+        .register_fn("count", count)
+        .register_fn("by_id", by_id)
+        .register_fn("with_model", with_model)
+        .register_fn("with_capability", |a: &mut Array, c: &str| {
+            keep(a, |m| str_field_is(m, "capability", c))
+        })
+        .register_fn("with_backend", |a: &mut Array, b: &str| {
+            keep(a, |m| str_field_is(m, "backend", b))
+        })
+        .register_fn("in_region", in_region)
+        .register_fn("idle", |a: &mut Array| keep(a, |m| int_field(m, "active") == Some(0)))
+        .register_fn("available", |a: &mut Array| {
+            keep(a, |m| {
+                str_field_is(m, "status", "ready")
+                    && int_field(m, "active").unwrap_or(0) < int_field(m, "slots").unwrap_or(1)
+            })
+        })
+        .register_fn("can_fit", can_fit);
+}

@@ -1,0 +1,31 @@
+//! `rbee._engine`: the Rhai scheduling engine of rbee, as a Python extension.
+//!
+//! Python sees three things: `State` (the cluster snapshot, converted once),
+//! `CompiledPolicy` (a sandboxed policy that makes decisions) and `evaluate`
+//! (run a script in the sandbox). Everything else is in the `rbee` package.
+
+mod alloc;
+mod context;
+mod convert;
+mod errors;
+mod helpers;
+mod limits;
+mod native;
+mod policy;
+mod record;
+mod state;
+mod verdict;
+
+use pyo3::prelude::*;
+
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
+
+#[pymodule]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<state::State>()?;
+    m.add_class::<policy::CompiledPolicy>()?;
+    m.add_function(wrap_pyfunction!(policy::evaluate, m)?)?;
+    m.add("RHAI_VERSION", "1.27.0")?;
+    Ok(())
+}
