@@ -1,0 +1,203 @@
+"""The ``rbee`` command line (DESIGN 4.2)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+import yaml
+
+from rbee import __version__
+from rbee.errors import PolicyError, RbeeError
+from rbee.rhai import evaluate
+from rbee.scheduler import Policy, Scheduler, State
+
+__all__ = ["main"]
+
+
+class Failure(click.ClickException):
+    """An error already phrased for the user: printed as is, exit status 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.format_message(), err=True)
+
+
+def _read_text(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Failure(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise Failure(f"{path}: is a directory, expected a file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Failure(f"{path}: cannot read ({exc})") from None
+
+
+def _parse_document(path: str, text: str, line_offset: int = 0) -> Any:
+    """Parses JSON (or YAML for .yaml/.yml files), naming file:line:col on error."""
+    if path.endswith((".yaml", ".yml")):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+            raise Failure(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Failure(
+            f"{path}:{exc.lineno + line_offset}:{exc.colno}: invalid JSON: {exc.msg}"
+        ) from None
+
+
+def _load_object(path: str, what: str) -> dict:
+    value = _parse_document(path, _read_text(path))
+    if not isinstance(value, dict):
+        raise Failure(f"{path}: the {what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _iter_jobs(path: str) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        job = _parse_document(path, line, line_offset=number - 1)
+        if not isinstance(job, dict):
+            raise Failure(f"{path}:{number}: each line must be a JSON object (a job)")
+        yield number, job
+
+
+def _limits(pairs: tuple[str, ...]) -> dict[str, int] | None:
+    limits: dict[str, int] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise Failure(f"--limit {pair!r}: expected NAME=INTEGER, e.g. timeout_ms=100")
+        limits[key.strip()] = int(value)
+    return limits or None
+
+
+def _compile(path: str, limits: dict[str, int] | None) -> Policy:
+    try:
+        return Policy.from_file(path, limits=limits)
+    except PolicyError as exc:
+        raise Failure(str(exc)) from None
+    except ValueError as exc:  # an unknown or invalid limit
+        raise Failure(f"--limit: {exc}") from None
+
+
+def _emit(value: Any) -> None:
+    click.echo(json.dumps(value, ensure_ascii=False, default=str))
+
+
+limit_option = click.option(
+    "--limit",
+    "limit_pairs",
+    multiple=True,
+    metavar="NAME=N",
+    help="Override a sandbox limit, e.g. --limit timeout_ms=100 (repeatable).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rbee")
+def main() -> None:
+    """rbee: a self-hosted AI orchestrator with a programmable scheduler."""
+
+
+@main.group()
+def policy() -> None:
+    """Check policies and see what they decide."""
+
+
+@policy.command("check")
+@click.argument("file")
+@limit_option
+def policy_check(file: str, limit_pairs: tuple[str, ...]) -> None:
+    """Compile FILE; print file:line:col: message and exit 1 if it is refused."""
+    _compile(file, _limits(limit_pairs))
+    click.echo(f"{file}: ok")
+
+
+@policy.command("decide")
+@click.argument("file")
+@click.option("--state", "state_path", required=True, metavar="STATE.json",
+              help="The cluster state (JSON, or YAML by extension).")
+@click.option("--job", "job_path", metavar="JOB.json", help="One job.")
+@click.option("--jobs", "jobs_path", metavar="FILE.jsonl", help="Many jobs, one JSON per line.")
+@click.option("--now-ms", type=int, help="Fix now() for reproducible decisions.")
+@click.option("--fallback", is_flag=True,
+              help="Fall back to the built-in default on policy errors, as the queen does.")
+@limit_option
+def policy_decide(
+    file: str,
+    state_path: str,
+    job_path: str | None,
+    jobs_path: str | None,
+    now_ms: int | None,
+    fallback: bool,
+    limit_pairs: tuple[str, ...],
+) -> None:
+    """Print the decision of FILE for a job (or each job of --jobs) as JSON."""
+    if (job_path is None) == (jobs_path is None):
+        raise click.UsageError("give exactly one of --job and --jobs")
+    compiled = _compile(file, _limits(limit_pairs))
+    decider: Policy | Scheduler = Scheduler(compiled) if fallback else compiled
+    try:
+        state = State(_load_object(state_path, "state"))
+    except RbeeError as exc:
+        raise Failure(f"{state_path}: {exc}") from None
+
+    def decide(job: dict, where: str) -> bool:
+        try:
+            _emit(decider.decide(job, state, now_ms=now_ms).to_dict())
+            return True
+        except PolicyError as exc:
+            _emit({"error": exc.to_dict(), "logs": exc.logs})
+            click.echo(str(exc), err=True)
+        except RbeeError as exc:
+            _emit({"error": {"type": "invalid_job", "message": str(exc)}})
+            click.echo(f"{where}: {exc}", err=True)
+        return False
+
+    if job_path is not None:
+        ok = decide(_load_object(job_path, "job"), job_path)
+    else:
+        results = [decide(job, f"{jobs_path}:{n}") for n, job in _iter_jobs(jobs_path)]
+        ok = all(results)
+    if not ok:
+        sys.exit(1)
+
+
+@main.group()
+def rhai() -> None:
+    """Run Rhai in the policy sandbox."""
+
+
+@rhai.command("eval")
+@click.argument("script")
+@click.option("-e", "--expr", is_flag=True, help="SCRIPT is code, not a file name.")
+@limit_option
+def rhai_eval(script: str, expr: bool, limit_pairs: tuple[str, ...]) -> None:
+    """Evaluate SCRIPT (a file, - for stdin) and print its value as JSON."""
+    name = "<expr>" if expr else script
+    source = script if expr else _read_text(script)
+    try:
+        value = evaluate(source, _limits(limit_pairs))
+    except PolicyError as exc:
+        exc.file = name if name != "-" else "<stdin>"
+        raise Failure(str(exc)) from None
+    except ValueError as exc:
+        raise Failure(f"--limit: {exc}") from None
+    _emit(value)
+
+
+if __name__ == "__main__":
+    main()
