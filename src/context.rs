@@ -44,6 +44,9 @@ pub struct Context {
     pub job_id: ImmutableString,
     pub workers: Dynamic,
     pub now_ms: INT,
+    /// The job's `max_tokens`, for workers' `estimated_time`; `None` outside
+    /// a decision (`evaluate`).
+    pub max_tokens: Option<rhai::FLOAT>,
     pub logs: Vec<String>,
     pub dropped_logs: usize,
     pub rng: u64,

@@ -11,16 +11,16 @@
 
 use std::collections::HashMap;
 
-use crate::record::Rec;
+use crate::record::{hot_slot, Rec};
 use rhai::{Dynamic, Expr, ImmutableString, Map, Stmt, AST, FLOAT, INT};
 
 #[derive(Debug, Clone)]
 pub enum Node {
     Const(Val),
     /// A field path of the closure's parameter, e.g. `w.geo.region`.
-    Item(Vec<ImmutableString>),
+    Item(Path),
     /// A field path of a captured variable, e.g. `job.deadline`.
-    Captured(usize, Vec<ImmutableString>),
+    Captured(usize, Path),
     Cmp(CmpOp, Box<Node>, Box<Node>),
     Arith(ArithOp, Box<Node>, Box<Node>),
     Neg(Box<Node>),
@@ -46,6 +46,21 @@ pub enum ArithOp {
     Sub,
     Mul,
     Div,
+}
+
+/// Property names after a variable; `slot` is the record slot of the first
+/// one when it is a hot field (see `record.rs`).
+#[derive(Debug, Clone)]
+pub struct Path {
+    props: Vec<ImmutableString>,
+    slot: Option<usize>,
+}
+
+impl Path {
+    fn new(props: Vec<ImmutableString>) -> Self {
+        let slot = props.first().and_then(|p| hot_slot(p));
+        Path { props, slot }
+    }
 }
 
 /// The values native evaluation works on.
@@ -223,9 +238,9 @@ fn path(e: &Expr, params: &[&str]) -> Option<Node> {
     };
     let index = params.iter().position(|p| *p == root)?;
     if index + 1 == params.len() {
-        Some(Node::Item(props))
+        Some(Node::Item(Path::new(props)))
     } else {
-        Some(Node::Captured(index, props))
+        Some(Node::Captured(index, Path::new(props)))
     }
 }
 
@@ -247,23 +262,31 @@ fn properties(e: &Expr, out: &mut Vec<ImmutableString>) -> Option<()> {
 /// rules this evaluator does not reproduce.
 pub type Eval = Option<Val>;
 
-fn lookup(root: &Dynamic, props: &[ImmutableString]) -> Eval {
-    let Some((first, rest)) = props.split_first() else { return Val::of(root) };
-    // Only maps are walked: a property of anything else may be a registered
-    // getter, which Rhai must run.
+fn lookup(root: &Dynamic, path: &Path) -> Eval {
+    let Some((first, rest)) = path.props.split_first() else { return Val::of(root) };
     if let Some(r) = root.read_lock::<Rec>() {
-        return match r.get(first.as_str()) {
-            Some(v) => lookup(v, rest),
-            None if rest.is_empty() => Some(Val::Unit),
-            None => None,
+        return match path.slot {
+            Some(slot) => found(r.slot(slot), rest),
+            None => found(r.get(first).as_ref(), rest),
         };
     }
-    let map = root.read_lock::<Map>()?;
-    match map.get(first.as_str()) {
-        Some(v) => lookup(v, rest),
+    descend(root, &path.props)
+}
+
+fn found(value: Option<&Dynamic>, rest: &[ImmutableString]) -> Eval {
+    match value {
+        Some(v) => descend(v, rest),
         None if rest.is_empty() => Some(Val::Unit),
         None => None,
     }
+}
+
+/// Walks plain maps. Only maps are walked: a property of anything else may be
+/// a registered getter, which Rhai must run.
+fn descend(value: &Dynamic, props: &[ImmutableString]) -> Eval {
+    let Some((first, rest)) = props.split_first() else { return Val::of(value) };
+    let map = value.read_lock::<Map>()?;
+    found(map.get(first.as_str()), rest)
 }
 
 impl NativeFn {

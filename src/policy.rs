@@ -7,7 +7,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use rhai::packages::{Package, StandardPackage};
-use rhai::{Array, CallFnOptions, Dynamic, Engine, ImmutableString, Map, Scope, AST, FLOAT, INT};
+use rhai::{Array, CallFnOptions, Dynamic, Engine, ImmutableString, Map, Scope, AST, INT};
 
 use crate::context::{self, stable_hash, Context, Rotation, Session};
 use crate::convert::{dict_to_map, map_to_py, to_py};
@@ -15,14 +15,18 @@ use crate::errors::{build, classify, conversion_error, parse_message};
 use crate::helpers;
 use crate::limits::{Limits, LIMIT_KEYS};
 use crate::native::NativeTable;
-use crate::record::{self, is_record_or_map, Rec};
-use crate::state::{field, freeze_array, num, text, State, StateData};
+use crate::record::{self, is_record_or_map};
+use crate::state::{field, freeze_array, is_eligible, num, text, State, StateData};
 use crate::verdict::{self, Action, Dispatch, Reject, Wait};
 
 /// Names that resolve to the state inside every script function.
-fn resolve_var(name: &str, index: usize) -> Option<Dynamic> {
-    // A parameter or local of the same name (index > 0) wins.
-    if index > 0 {
+///
+/// A parameter or local of the same name wins: Rhai gives it an index
+/// (`index > 0`), except for the captured variables of a closure, which are
+/// only found by searching the function's scope (`in_scope`).
+fn resolve_var(name: &str, index: usize, in_scope: impl FnOnce() -> bool) -> Option<Dynamic> {
+    const GLOBALS: &[&str] = &["workers", "all_workers", "pools", "gpus", "models", "tenants", "queue"];
+    if index > 0 || !GLOBALS.contains(&name) || in_scope() {
         return None;
     }
     context::with(|c| match name {
@@ -57,7 +61,7 @@ pub fn build_engine(limits: &Limits) -> Engine {
     });
     engine.on_progress(|_| context::progress());
     #[allow(deprecated)]
-    engine.on_var(|name, index, _| Ok(resolve_var(name, index)));
+    engine.on_var(|name, index, ctx| Ok(resolve_var(name, index, || ctx.scope().contains(name))));
     verdict::register(&mut engine);
     record::register(&mut engine);
     helpers::register_lists(&mut engine);
@@ -93,7 +97,6 @@ pub struct CompiledPolicy {
     rotation: Rotation,
     limits: Limits,
     arity: usize,
-    uses_estimated_time: bool,
     /// Where `schedule_job` starts. Rhai moves the position of a limit error
     /// to the outermost call, which for the entry point is no position at
     /// all; such errors are reported here, in the entry function.
@@ -117,7 +120,7 @@ fn describe(v: &Dynamic) -> String {
 }
 
 /// Interprets what `schedule_job` returned (DESIGN 2.1).
-fn interpret(value: Dynamic, state: &StateData, eligible: &[Dynamic]) -> Result<Decided, String> {
+fn interpret(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> Result<Decided, String> {
     let mut actions = Vec::new();
     let value = if value.is_shared() { value.flatten_clone() } else { value };
     if value.is_array() {
@@ -140,7 +143,7 @@ fn interpret(value: Dynamic, state: &StateData, eligible: &[Dynamic]) -> Result<
             } else if item.is_unit() {
                 // `()` stands for "no action", as eviction helpers answer.
             } else if i == last {
-                let outcome = single(item, state, eligible)?;
+                let outcome = single(item, state, failed)?;
                 return Ok(Decided { outcome, actions });
             } else {
                 return Err(format!(
@@ -155,10 +158,10 @@ fn interpret(value: Dynamic, state: &StateData, eligible: &[Dynamic]) -> Result<
         actions.push(a.to_map());
         return Ok(Decided { outcome: Outcome::Wait("actions_pending".into(), None), actions });
     }
-    Ok(Decided { outcome: single(value, state, eligible)?, actions })
+    Ok(Decided { outcome: single(value, state, failed)?, actions })
 }
 
-fn single(value: Dynamic, state: &StateData, eligible: &[Dynamic]) -> Result<Outcome, String> {
+fn single(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> Result<Outcome, String> {
     if value.is_unit() {
         return Ok(Outcome::Wait("no_worker".into(), None));
     }
@@ -181,33 +184,16 @@ fn single(value: Dynamic, state: &StateData, eligible: &[Dynamic]) -> Result<Out
             describe(&value)
         ));
     };
-    if eligible.iter().any(|w| text(&field(w, "id")).as_ref() == Some(&id)) {
-        return Ok(Outcome::Dispatch(id));
-    }
     match state.worker(&id) {
+        Some(w) if is_eligible(&field(w, "status")) && !failed.contains(&id) => {
+            Ok(Outcome::Dispatch(id))
+        }
         Some(w) => Err(format!(
             "schedule_job returned worker '{id}', which cannot take this job (status {}, or it already failed this job)",
             field(w, "status")
         )),
         None => Err(format!("schedule_job returned '{id}', which is not the id of any worker")),
     }
-}
-
-/// Milliseconds to finish `job` on `w`: queue wait, time to first token and
-/// generation time (DESIGN 2.2). The wait is the work ahead of it: when every
-/// slot is busy, each extra job ahead costs one service time per slot.
-fn estimated_time(w: &Map, max_tokens: FLOAT) -> Dynamic {
-    let get = |k: &str| w.get(k).and_then(num);
-    let ttft = get("latency_ms").unwrap_or(0.0);
-    let generation = match get("tokens_per_sec") {
-        Some(tps) if tps > 0.0 => max_tokens / tps * 1000.0,
-        _ => return Dynamic::UNIT,
-    };
-    let service = ttft + generation;
-    let active = get("active").unwrap_or(0.0);
-    let slots = get("slots").unwrap_or(1.0).max(1.0);
-    let ahead = (active - slots + 1.0).max(0.0);
-    Dynamic::from_float(ahead * service / slots + service)
 }
 
 fn now_ms() -> INT {
@@ -254,7 +240,6 @@ impl CompiledPolicy {
             .map_or(rhai::Position::NONE, |f| f.body.start_position());
         Ok(CompiledPolicy {
             entry,
-            uses_estimated_time: source.contains("estimated_time"),
             engine,
             ast,
             natives,
@@ -326,23 +311,18 @@ impl CompiledPolicy {
             .and_then(|v| v.read_lock::<Array>().map(|a| a.iter().filter_map(text).collect()))
             .unwrap_or_default();
         let max_tokens = job.get("max_tokens").and_then(num).unwrap_or(256.0);
-        let (eligible, workers_dyn) = if failed.is_empty() && !self.uses_estimated_time {
-            (state.eligible.clone(), state.eligible_dyn.clone())
+        // The precomputed array serves unless this job has failed somewhere.
+        let workers_dyn = if failed.is_empty() {
+            state.eligible_dyn.clone()
         } else {
-            let eligible: Vec<Dynamic> = state
-                .eligible
-                .iter()
-                .filter(|w| text(&field(w, "id")).map_or(true, |id| !failed.contains(&id)))
-                .map(|w| match (self.uses_estimated_time, w.read_lock::<Rec>()) {
-                    (true, Some(r)) => {
-                        let estimate = estimated_time(&r.map, max_tokens);
-                        Dynamic::from(Rec { map: r.map.clone(), estimate: Some(estimate) })
-                    }
-                    _ => w.clone(),
-                })
-                .collect();
-            let shared = freeze_array(eligible.clone());
-            (eligible, shared)
+            freeze_array(
+                state
+                    .eligible
+                    .iter()
+                    .filter(|w| text(&field(w, "id")).map_or(true, |id| !failed.contains(&id)))
+                    .cloned()
+                    .collect(),
+            )
         };
         let now = now_ms.or(state.now).unwrap_or_else(now_ms_fn);
 
@@ -353,6 +333,7 @@ impl CompiledPolicy {
                 state: state.clone(),
                 workers: workers_dyn.clone(),
                 now_ms: now,
+                max_tokens: Some(max_tokens),
                 logs: Vec::new(),
                 dropped_logs: 0,
                 rotation: self.rotation.clone(),
@@ -373,7 +354,7 @@ impl CompiledPolicy {
             };
             let peak = crate::alloc::Meter::peak();
             let ctx = session.finish();
-            let decided = result.map(|v| interpret(v, &state, &eligible));
+            let decided = result.map(|v| interpret(v, &state, &failed));
             (decided, ctx, peak)
         };
         let (decided, ctx, peak) = py.detach(run);
@@ -474,6 +455,7 @@ pub fn evaluate<'py>(
             workers: state.eligible_dyn.clone(),
             state: Arc::new(state),
             now_ms: now_ms(),
+            max_tokens: None,
             logs: Vec::new(),
             dropped_logs: 0,
             rotation: Arc::default(),

@@ -4,48 +4,106 @@
 //! Records are shared between decisions, so they must be cheap to hand out and
 //! impossible to change from a script. A plain Rhai map is copied whenever it
 //! is passed around, and Rhai refuses shared values inside arrays, so the
-//! state stores each entry as an `Arc<Map>` behind this custom type. Scripts
-//! read it like a map (`w.id`, `w["id"]`, `keys()`, `"id" in w`); `to_map()`
-//! gives a mutable copy.
+//! state stores each entry as an `Arc` behind this custom type. Scripts read
+//! it like a map (`w.id`, `w["id"]`, `keys()`, `"id" in w`); `to_map()` gives
+//! a mutable copy.
+//!
+//! The fields helpers read most are also kept in a fixed table, so reading
+//! `w.load` is an index instead of a search of the map by name.
 
 use std::sync::Arc;
 
-use rhai::{Array, Dynamic, Engine, FuncRegistration, ImmutableString, Map, NativeCallContext};
+use rhai::{Array, Dynamic, Engine, FuncRegistration, ImmutableString, Map, NativeCallContext, FLOAT};
 
-#[derive(Clone, Debug)]
-pub struct Rec {
-    pub map: Arc<Map>,
-    /// `estimated_time` for the job being scheduled (DESIGN 2.2): it differs
-    /// per job, so it lives beside the shared map instead of in it.
-    pub estimate: Option<Dynamic>,
-}
+use crate::context;
+use crate::state::num;
+
+/// Fields with a slot in the table, in slot order.
+pub const HOT: &[&str] = &[
+    "id", "status", "load", "active", "slots", "gpus", "vram_free", "vram_total",
+    "cost_per_token", "latency_ms", "tokens_per_sec", "capability", "backend", "model",
+    "models", "geo", "pool", "last_used_at", "priority",
+];
 
 pub const ESTIMATE: &str = "estimated_time";
 
+/// The slot of a hot field.
+#[inline]
+pub fn hot_slot(key: &str) -> Option<usize> {
+    HOT.iter().position(|k| *k == key)
+}
+
+#[derive(Debug)]
+pub struct RecData {
+    pub map: Map,
+    hot: Box<[Option<Dynamic>]>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rec(pub Arc<RecData>);
+
 impl Rec {
     pub fn new(map: Map) -> Self {
-        Rec { map: Arc::new(map), estimate: None }
+        let hot = HOT.iter().map(|k| map.get(*k).cloned()).collect();
+        Rec(Arc::new(RecData { map, hot }))
     }
 
-    pub fn get(&self, key: &str) -> Option<&Dynamic> {
-        match (&self.estimate, key) {
-            (Some(e), ESTIMATE) => Some(e),
-            _ => self.map.get(key),
+    pub fn map(&self) -> &Map {
+        &self.0.map
+    }
+
+    /// A hot field by slot; `None` when the record does not have it.
+    #[inline]
+    pub fn slot(&self, slot: usize) -> Option<&Dynamic> {
+        self.0.hot.get(slot).and_then(|v| v.as_ref())
+    }
+
+    /// A field by name. `estimated_time` is worked out for the job being
+    /// scheduled, when there is one (DESIGN 2.2), so it is never stale.
+    pub fn get(&self, key: &str) -> Option<Dynamic> {
+        if let Some(slot) = hot_slot(key) {
+            return self.slot(slot).cloned();
+        }
+        if key == ESTIMATE {
+            if let Some(e) = self.estimate() {
+                return Some(e);
+            }
+        }
+        self.0.map.get(key).cloned()
+    }
+
+    /// Milliseconds to finish the current job here: queue wait, time to first
+    /// token and generation time. The wait is the work ahead: when every slot
+    /// is busy, each job beyond the slots costs one service time per slot.
+    pub fn estimate(&self) -> Option<Dynamic> {
+        let max_tokens = context::with(|c| c.max_tokens).flatten()?;
+        let get = |k: &str| self.get_num(k);
+        let tps = get("tokens_per_sec").filter(|t| *t > 0.0)?;
+        let service = get("latency_ms").unwrap_or(0.0) + max_tokens / tps * 1000.0;
+        let slots = get("slots").unwrap_or(1.0).max(1.0);
+        let ahead = (get("active").unwrap_or(0.0) - slots + 1.0).max(0.0);
+        Some(Dynamic::from_float(ahead * service / slots + service))
+    }
+
+    pub fn get_num(&self, key: &str) -> Option<FLOAT> {
+        match hot_slot(key) {
+            Some(slot) => self.slot(slot).and_then(num),
+            None => self.0.map.get(key).and_then(num),
         }
     }
 
-    /// A plain map with the same entries.
+    /// A plain map with the same entries, `estimated_time` included.
     pub fn to_map(&self) -> Map {
-        let mut m = (*self.map).clone();
-        if let Some(e) = &self.estimate {
-            m.insert(ESTIMATE.into(), e.clone());
+        let mut m = self.0.map.clone();
+        if let Some(e) = self.estimate() {
+            m.insert(ESTIMATE.into(), e);
         }
         m
     }
 
     fn keys(&self) -> Array {
-        let mut keys: Array = self.map.keys().map(|k| Dynamic::from(k.clone())).collect();
-        if self.estimate.is_some() && !self.map.contains_key(ESTIMATE) {
+        let mut keys: Array = self.0.map.keys().map(|k| Dynamic::from(k.clone())).collect();
+        if !self.0.map.contains_key(ESTIMATE) && self.estimate().is_some() {
             keys.push(ESTIMATE.into());
         }
         keys
@@ -55,10 +113,7 @@ impl Rec {
 /// Calls `f` with the entries of a record or a map; `None` for other values.
 pub fn with_map<T>(value: &Dynamic, f: impl FnOnce(&Map) -> T) -> Option<T> {
     if let Some(r) = value.read_lock::<Rec>() {
-        if r.estimate.is_none() {
-            return Some(f(&r.map));
-        }
-        return Some(f(&r.to_map()));
+        return Some(f(r.map()));
     }
     value.read_lock::<Map>().map(|m| f(&m))
 }
@@ -74,18 +129,18 @@ fn display(ctx: NativeCallContext, r: &mut Rec) -> Result<ImmutableString, Box<r
 pub fn register(engine: &mut Engine) {
     engine
         .register_type_with_name::<Rec>("record")
-        .register_indexer_get(|r: &mut Rec, key: &str| r.get(key).cloned().unwrap_or(Dynamic::UNIT))
+        .register_indexer_get(|r: &mut Rec, key: &str| r.get(key).unwrap_or(Dynamic::UNIT))
         .register_fn("keys", |r: &mut Rec| r.keys())
         .register_fn("values", |r: &mut Rec| {
-            r.keys().iter().map(|k| r.get(&k.to_string()).cloned().unwrap_or_default()).collect::<Array>()
+            r.keys().iter().map(|k| r.get(&k.to_string()).unwrap_or_default()).collect::<Array>()
         })
         .register_fn("len", |r: &mut Rec| r.keys().len() as rhai::INT)
-        .register_fn("is_empty", |r: &mut Rec| r.map.is_empty() && r.estimate.is_none())
+        .register_fn("is_empty", |r: &mut Rec| r.keys().is_empty())
         .register_fn("contains", |r: &mut Rec, key: &str| r.get(key).is_some())
-        .register_fn("get", |r: &mut Rec, key: &str| r.get(key).cloned().unwrap_or(Dynamic::UNIT))
+        .register_fn("get", |r: &mut Rec, key: &str| r.get(key).unwrap_or(Dynamic::UNIT))
         .register_fn("to_map", |r: &mut Rec| r.to_map())
-        .register_fn("==", |a: &mut Rec, b: Rec| Arc::ptr_eq(&a.map, &b.map))
-        .register_fn("!=", |a: &mut Rec, b: Rec| !Arc::ptr_eq(&a.map, &b.map));
+        .register_fn("==", |a: &mut Rec, b: Rec| Arc::ptr_eq(&a.0, &b.0))
+        .register_fn("!=", |a: &mut Rec, b: Rec| !Arc::ptr_eq(&a.0, &b.0));
     for name in ["to_string", "to_debug", "print", "debug"] {
         FuncRegistration::new(name).register_into_engine(engine, display);
     }

@@ -34,7 +34,7 @@ fn record(map: Map) -> Dynamic {
 /// Reads a field of a record or a map; `()` when absent.
 pub fn field(value: &Dynamic, key: &str) -> Dynamic {
     if let Some(r) = value.read_lock::<Rec>() {
-        return r.get(key).cloned().unwrap_or(Dynamic::UNIT);
+        return r.get(key).unwrap_or(Dynamic::UNIT);
     }
     match value.read_lock::<Map>() {
         Some(m) => m.get(key).cloned().unwrap_or(Dynamic::UNIT),

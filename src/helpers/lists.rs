@@ -153,6 +153,9 @@ impl<'a> Caller<'a> {
         })
         .unwrap_or((None, None));
         let with_index = arity.map_or(false, |n| n == f.curry().len() + 2);
+        // A compiled closure takes the item as its last parameter; one that
+        // also takes the index (`|w, i|`) must run through Rhai.
+        let native = if with_index { None } else { native };
         Caller { ctx, f, native, with_index, native_calls: 0 }
     }
 
