@@ -176,6 +176,42 @@ def policy_decide(
         sys.exit(1)
 
 
+@main.command("queen")
+@click.option("--config", "config_path", metavar="FILE", help="The queen's YAML configuration.")
+@click.option("--mode", type=click.Choice(["home", "platform"]), help="Overrides mode:.")
+@click.option("--listen", metavar="HOST:PORT", help="Overrides listen: (default 127.0.0.1:7833).")
+@click.option("--state-path", metavar="FILE", help="Overrides state_path: (the SQLite file).")
+@click.option("--demo", is_flag=True, help="Start a simulated cluster to try policies on.")
+def queen_command(config_path: str | None, mode: str | None, listen: str | None,
+                  state_path: str | None, demo: bool) -> None:
+    """Run queen-rbee, the orchestrator."""
+    import asyncio
+    import logging
+
+    from rbee.queen.config import ConfigError, load_config, parse_config
+    from rbee.queen.serve import run_queen
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = load_config(config_path)
+        overrides = {k: v for k, v in (("mode", mode), ("listen", listen),
+                                       ("state_path", state_path)) if v is not None}
+        if overrides:
+            config = parse_config(config.model_dump() | overrides, config_path or "<options>")
+        try:
+            import uvloop
+        except ImportError:  # uvloop is optional: the standard loop works, slower
+            uvloop = None
+        runner = uvloop.run if uvloop is not None else asyncio.run
+        runner(run_queen(config, demo=demo))
+    except ConfigError as exc:
+        raise Failure(str(exc)) from None
+    except PolicyError as exc:
+        raise Failure(f"the configured policy is refused: {exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
 @main.group()
 def rhai() -> None:
     """Run Rhai in the policy sandbox."""

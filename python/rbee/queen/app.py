@@ -1,0 +1,466 @@
+"""The queen's HTTP interface (DESIGN 4.3), on aiohttp.
+
+aiohttp serves and proxies in one library with one event loop; it was chosen
+over an ASGI server plus a separate client by measuring the added latency and
+CPU per proxied request (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from rbee.errors import PolicyError
+from rbee.queen.core import Queen
+from rbee.queen.frontdoor import BadRequest, decode_body, parse_job
+from rbee.queen.jobs import ENDPOINTS, Job, JobError, now_ms
+from rbee.queen.metrics import CONTENT_TYPE_LATEST
+from rbee.queen.proxy import Proxy
+from rbee.scheduler import State
+
+__all__ = ["build_app", "QUEEN", "ADMIN_TOKEN"]
+
+log = logging.getLogger("rbee.queen.http")
+
+QUEEN = web.AppKey("queen", Queen)
+PROXY = web.AppKey("proxy", Proxy)
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+EVENTS = web.AppKey("events", dict)
+TASKS = web.AppKey("tasks", dict)  # native job id -> the task running it
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str, code: str, kind: str = "invalid_request_error",
+                   **extra: Any) -> web.Response:
+    error = {"message": message, "type": kind, "code": code, **extra}
+    return web.json_response({"error": error}, status=status)
+
+
+def job_error_response(exc: JobError) -> web.Response:
+    response = web.json_response(exc.to_dict(), status=exc.status)
+    if exc.status == 429:
+        response.headers["Retry-After"] = str(max(1, -(-(exc.retry_after_ms or 1000) // 1000)))
+    return response
+
+
+def policy_error_response(exc: PolicyError) -> web.Response:
+    return web.json_response({"error": {**exc.to_dict(), "message": str(exc),
+                                        "logs": exc.logs}}, status=400)
+
+
+async def read_json(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+
+
+# -- middleware ----------------------------------------------------------------
+
+_ADMIN_PREFIXES = ("/v1/scheduler", "/v1/workers", "/v1/pools", "/v1/decisions", "/v1/state")
+
+
+def _is_admin(request: web.Request) -> bool:
+    if request.path == "/v1/scheduler" and request.method == "GET":
+        return False
+    return request.path.startswith(_ADMIN_PREFIXES)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Admin token for admin routes, and errors in the OpenAI shape."""
+    token = request.app[ADMIN_TOKEN]
+    if token and _is_admin(request):
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return error_response(401, "this endpoint needs the admin token "
+                                  "(Authorization: Bearer <token>)", "unauthorized",
+                                  "authentication_error")
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return web.json_response(exc.to_dict(), status=400)
+    except JobError as exc:
+        return job_error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            return error_response(exc.status, exc.reason, exc.reason.lower().replace(" ", "_"))
+        raise
+
+
+# -- the OpenAI-compatible front door -----------------------------------------
+
+def inference(endpoint: str) -> Handler:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        queen = request.app[QUEEN]
+        raw = await request.read()
+        body = decode_body(raw)
+        had_extras = any(k in body for k in ("priority", "deadline_ms", "session_id", "tags",
+                                             "user_geo"))
+        job = parse_job(endpoint, body, request.headers,
+                        default_timeout_ms=queen.config.queue.default_timeout_ms)
+        # Forward the client's bytes untouched unless rbee-only fields had to go.
+        payload = json.dumps(body).encode() if had_extras else raw
+        status = 500
+        try:
+            response = await request.app[PROXY].forward(request, job, payload)
+            status = response.status
+            job.status = "done" if status < 400 else "failed"
+            return response
+        except JobError as exc:
+            status = exc.status
+            job.status, job.error = "failed", exc.to_dict()["error"]
+            raise
+        except asyncio.CancelledError:
+            status, job.status = 499, "cancelled"
+            raise
+        finally:
+            job.finished_at = now_ms()
+            queen.store.save_job(job.record())
+            queen.metrics.requests.labels(endpoint, str(status)).inc()
+
+    return handle
+
+
+async def list_models(request: web.Request) -> web.Response:
+    served = request.app[QUEEN].registry.served_models()
+    data = [{"id": model, "object": "model", "created": 0, "owned_by": "rbee",
+             "rbee": {"workers": sorted(workers)}}
+            for model, workers in sorted(served.items())]
+    return web.json_response({"object": "list", "data": data})
+
+
+# -- native jobs -----------------------------------------------------------------
+
+class JobEvents:
+    """The event history of one native job, replayed to every reader."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+        self.changed = asyncio.Condition()
+        self.closed = False
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        self.items.append((event, data))
+        self.closed = event in ("end", "error")
+
+        async def notify() -> None:
+            async with self.changed:
+                self.changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    queen = request.app[QUEEN]
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    endpoint = body.pop("endpoint", "chat.completions")
+    if endpoint not in ENDPOINTS:
+        raise BadRequest(f"'endpoint' must be one of {', '.join(ENDPOINTS)}", "endpoint")
+    body.setdefault("stream", endpoint in ("chat.completions", "completions"))
+    job = parse_job(endpoint, body, request.headers,
+                    default_timeout_ms=queen.config.queue.default_timeout_ms)
+    events = JobEvents()
+    request.app[EVENTS][job.id] = events
+    queued = len(queen.queue)
+    events.emit("queued", {"job_id": job.id, "queue_position": queued})
+    payload = json.dumps(body).encode()
+
+    async def run() -> None:
+        try:
+            await request.app[PROXY].run_native(job, payload, events.emit)
+            job.status = "done"
+        except JobError as exc:
+            job.status, job.error = ("cancelled" if exc.code == "cancelled" else "failed",
+                                     exc.to_dict()["error"])
+            events.emit("error", job.error)
+        except asyncio.CancelledError:
+            job.status = "cancelled"
+            job.error = {"message": "the job was cancelled", "type": "scheduler_error",
+                         "code": "cancelled"}
+            events.emit("error", job.error)
+        finally:
+            job.finished_at = now_ms()
+            queen.store.save_job(job.record())
+
+    tasks = request.app[TASKS]
+    tasks[job.id] = asyncio.get_running_loop().create_task(run(), name=job.id)
+    tasks[job.id].add_done_callback(lambda _: tasks.pop(job.id, None))
+    queen.jobs[job.id] = job
+    return web.json_response({"job_id": job.id, "status": job.status,
+                              "queue_position": queued,
+                              "events_url": f"/v1/jobs/{job.id}/events"}, status=202)
+
+
+def _find_job(request: web.Request) -> dict[str, Any]:
+    queen = request.app[QUEEN]
+    job_id = request.match_info["job_id"]
+    job = queen.jobs.get(job_id)
+    if job is not None:
+        record = job.record()
+    else:
+        record = queen.store.job(job_id)
+        if record is None:
+            raise web.HTTPNotFound(reason=f"no job {job_id}")
+    record["decisions"] = queen.store.decisions(limit=20, job_id=job_id) if job is None else [
+        d for d in queen.decisions if d["job_id"] == job_id]
+    return record
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(_find_job(request))
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    events = request.app[EVENTS].get(request.match_info["job_id"])
+    if events is None:
+        _find_job(request)  # 404 for unknown ids
+        raise web.HTTPGone(reason="the events of this job are no longer kept")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    sent = 0
+    while True:
+        while sent < len(events.items):
+            name, data = events.items[sent]
+            await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+            sent += 1
+        if events.closed and sent >= len(events.items):
+            break
+        async with events.changed:
+            await events.changed.wait_for(lambda: len(events.items) > sent)
+    await response.write_eof()
+    return response
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    queen = request.app[QUEEN]
+    record = _find_job(request)
+    job_id = record["id"]
+    job = queen.jobs.get(job_id)
+    if job is not None and job.status not in ("done", "failed", "cancelled"):
+        queen.cancel(job)
+        task = request.app[TASKS].get(job_id)
+        if task is not None:
+            task.cancel()
+        await asyncio.sleep(0)
+    return web.json_response({"job_id": job_id, "status": "cancelled"
+                              if job is not None and job.status != "done" else record["status"]})
+
+
+# -- state, workers and pools ----------------------------------------------------
+
+async def get_state(request: web.Request) -> web.Response:
+    return web.json_response(request.app[QUEEN].registry.state.to_dict()
+                             | {"queue": [j.to_script(now_ms())
+                                          for j in request.app[QUEEN].queue]})
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    workers = request.app[QUEEN].registry.workers.values()
+    return web.json_response({"workers": [w.snapshot() for w in workers]})
+
+
+async def add_worker(request: web.Request) -> web.Response:
+    spec = await read_json(request)
+    if not isinstance(spec, dict):
+        raise BadRequest("the body must be a worker object")
+    try:
+        worker = request.app[QUEEN].registry.add_worker(spec, source="api")
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return web.json_response(worker.snapshot(), status=201)
+
+
+async def remove_worker(request: web.Request) -> web.Response:
+    worker_id = request.match_info["worker_id"]
+    if not request.app[QUEEN].registry.remove_worker(worker_id):
+        raise web.HTTPNotFound(reason=f"no worker {worker_id}")
+    return web.json_response({"id": worker_id, "deleted": True})
+
+
+async def register_pool(request: web.Request) -> web.Response:
+    spec = await read_json(request)
+    if not isinstance(spec, dict):
+        raise BadRequest("the body must be a pool object")
+    try:
+        pool = request.app[QUEEN].registry.register_pool(spec)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return web.json_response({"id": pool.id, "status": pool.status}, status=201)
+
+
+async def pool_heartbeat(request: web.Request) -> web.Response:
+    spec = await read_json(request) if request.can_read_body else {}
+    try:
+        pool = request.app[QUEEN].registry.heartbeat(request.match_info["pool_id"], spec or {})
+    except KeyError:
+        raise web.HTTPNotFound(reason="unknown pool; register it first") from None
+    return web.json_response({"id": pool.id, "status": pool.status})
+
+
+# -- the scheduler ---------------------------------------------------------------
+
+def _policy_body(body: Any) -> tuple[str, str | None]:
+    if not isinstance(body, dict) or not isinstance(body.get("source"), str):
+        raise BadRequest("expected {\"source\": \"...\", \"format\": \"rhai\"|\"yaml\"}", "source")
+    fmt = body.get("format")
+    if fmt is not None and fmt not in ("rhai", "yaml"):
+        raise BadRequest("'format' must be rhai or yaml", "format")
+    return body["source"], fmt
+
+
+async def get_scheduler(request: web.Request) -> web.Response:
+    policies = request.app[QUEEN].policies
+    return web.json_response({"version": policies.version, "format": policies.format,
+                              "source": policies.source,
+                              "mode": request.app[QUEEN].config.mode})
+
+
+async def put_scheduler(request: web.Request) -> web.Response:
+    queen = request.app[QUEEN]
+    source, fmt = _policy_body(await read_json(request))
+    try:
+        version = queen.policies.apply(source, fmt, "api")
+    except PolicyError as exc:
+        queen.metrics.policy_reloads.labels("api", "refused").inc()
+        return policy_error_response(exc)
+    queen.metrics.policy_reloads.labels("api", "ok").inc()
+    queen.kick()
+    return web.json_response({"version": version, "status": "active"})
+
+
+async def validate_scheduler(request: web.Request) -> web.Response:
+    source, fmt = _policy_body(await read_json(request))
+    try:
+        _, decisions = request.app[QUEEN].policies.validate(source, fmt)
+    except PolicyError as exc:
+        return policy_error_response(exc)
+    return web.json_response({"valid": True, "decisions": [d.to_dict() for d in decisions]})
+
+
+async def preview_scheduler(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
+        raise BadRequest("expected {\"jobs\": [...], \"source\"?, \"format\"?, \"state\"?}", "jobs")
+    if not all(isinstance(j, dict) for j in body["jobs"]):
+        raise BadRequest("each of 'jobs' must be an object", "jobs")
+    state = None
+    if body.get("state") is not None:
+        try:
+            state = State(body["state"])
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"'state': {exc}", "state") from None
+    try:
+        decisions = request.app[QUEEN].policies.preview(
+            body["jobs"], body.get("source"), body.get("format"), state)
+    except PolicyError as exc:
+        return policy_error_response(exc)
+    return web.json_response({"decisions": decisions})
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    return web.json_response({"versions": request.app[QUEEN].store.policy_versions()})
+
+
+async def rollback(request: web.Request) -> web.Response:
+    queen = request.app[QUEEN]
+    body = await read_json(request) if request.can_read_body else {}
+    version = (body or {}).get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise BadRequest("'version' must be an integer", "version")
+    try:
+        active = queen.policies.rollback(version)
+    except LookupError as exc:
+        raise web.HTTPNotFound(reason=str(exc)) from None
+    except PolicyError as exc:
+        return policy_error_response(exc)
+    queen.kick()
+    return web.json_response({"version": active, "status": "active"})
+
+
+async def list_decisions(request: web.Request) -> web.Response:
+    queen = request.app[QUEEN]
+    try:
+        limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+    except ValueError:
+        raise BadRequest("'limit' must be an integer", "limit") from None
+    job_id = request.query.get("job_id")
+    items = [d for d in reversed(queen.decisions) if job_id is None or d["job_id"] == job_id]
+    return web.json_response({"decisions": items[:limit]})
+
+
+# -- operations ----------------------------------------------------------------
+
+async def health(request: web.Request) -> web.Response:
+    queen = request.app[QUEEN]
+    workers = queen.registry.workers.values()
+    return web.json_response({
+        "status": "ok", "mode": queen.config.mode, "demo": queen.demo,
+        "policy_version": queen.policies.version, "queue_depth": len(queen.queue),
+        "workers": {"total": len(workers),
+                    "up": sum(1 for w in workers if w.status != "down")},
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[QUEEN].metrics.render(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(queen: Queen, admin_token: str = "") -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=64 * 1024 * 1024)
+    app[QUEEN] = queen
+    app[ADMIN_TOKEN] = admin_token
+    app[EVENTS] = {}
+    app[TASKS] = {}
+    for endpoint in ENDPOINTS:
+        app.router.add_post("/v1/" + endpoint.replace(".", "/"), inference(endpoint))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/jobs", submit_job)
+    app.router.add_get("/v1/jobs/{job_id}", get_job)
+    app.router.add_get("/v1/jobs/{job_id}/events", job_events)
+    app.router.add_delete("/v1/jobs/{job_id}", cancel_job)
+    app.router.add_get("/v1/state", get_state)
+    app.router.add_get("/v1/workers", list_workers)
+    app.router.add_post("/v1/workers", add_worker)
+    app.router.add_delete("/v1/workers/{worker_id}", remove_worker)
+    app.router.add_post("/v1/pools/register", register_pool)
+    app.router.add_post("/v1/pools/{pool_id}/heartbeat", pool_heartbeat)
+    app.router.add_get("/v1/scheduler", get_scheduler)
+    app.router.add_put("/v1/scheduler", put_scheduler)
+    app.router.add_post("/v1/scheduler/validate", validate_scheduler)
+    app.router.add_post("/v1/scheduler/preview", preview_scheduler)
+    app.router.add_get("/v1/scheduler/versions", list_versions)
+    app.router.add_post("/v1/scheduler/rollback", rollback)
+    app.router.add_get("/v1/decisions", list_decisions)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+
+    async def lifecycle(app: web.Application):
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            auto_decompress=False,
+        )
+        app[PROXY] = Proxy(queen, session)
+        await queen.start(session)
+        yield
+        running = list(app[TASKS].values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await queen.stop()
+        await session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,271 @@
+"""The queen's core: every job asks the scheduler for a worker; jobs that
+cannot run yet wait in a queue and are looked at again when the state
+changes or their timer fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from rbee.errors import PolicyError
+from rbee.queen.config import QueenConfig
+from rbee.queen.jobs import Job, JobError, now_ms, priority_class
+from rbee.queen.metrics import Metrics
+from rbee.queen.policies import PolicyManager
+from rbee.queen.registry import Registry, Worker
+from rbee.queen.store import Store
+
+__all__ = ["Queen"]
+
+log = logging.getLogger("rbee.queen")
+
+_TYPE_OF_CAPABILITY = {"text-gen": "text-gen", "image-gen": "image-gen",
+                       "embedding": "embedding", "audio": "audio"}
+_ENDPOINT_OF_TYPE = {"text-gen": "chat.completions", "image-gen": "images.generations",
+                     "embedding": "embeddings", "audio": "chat.completions"}
+# With nothing else to wake it, the queue is looked at this often, so that
+# deadlines and timeouts end on time.
+_IDLE_TICK_MS = 1000
+
+
+class Queen:
+    def __init__(self, config: QueenConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.demo = False
+        self._wake = asyncio.Event()
+        self.store = store or Store(config.database, config.decision_log_size)
+        self.registry = Registry(
+            models=[m.model_dump(exclude_none=True) for m in config.models],
+            tenants=[t.model_dump(exclude_none=True) for t in config.tenants],
+            on_change=self.kick,
+        )
+        for worker in config.workers:
+            self.registry.add_worker(worker.model_dump(exclude_none=True), source="config")
+        self.policies = PolicyManager(
+            self.store,
+            state=lambda: self.registry.state,
+            sample_jobs=self.sample_jobs,
+            limits=config.limits.as_dict() or None,
+        )
+        self.queue: list[Job] = []
+        self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self.decisions: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=config.decision_log_size
+        )
+        self._tasks: list[asyncio.Task] = []
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def start(self, session: Any) -> None:
+        self.policies.start(self.config.scheduler)
+        self.decisions.extend(reversed(self.store.decisions(limit=self.config.decision_log_size)))
+        self._tasks = [
+            asyncio.create_task(self._pump_forever(), name="rbee-queue"),
+            asyncio.create_task(self._probe_forever(session), name="rbee-health"),
+        ]
+        if self.config.scheduler:
+            self._tasks.append(asyncio.create_task(
+                self.policies.watch(on_result=lambda r: self.metrics.policy_reloads.labels(
+                    "file", r).inc()),
+                name="rbee-policy-watch"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for job in list(self.queue):
+            self._finish_waiting(job, JobError(503, "shutting_down", "the queen is stopping"))
+        self.store.close()
+
+    def sample_jobs(self) -> list[dict[str, Any]]:
+        """Jobs a new policy must decide before it goes live: one per model
+        and capability the cluster serves, plus a generic one."""
+        jobs, seen = [], set()
+        for worker in self.registry.workers.values():
+            job_type = _TYPE_OF_CAPABILITY.get(worker.attrs.get("capability"), "text-gen")
+            for model in worker.models[:3] or [None]:
+                if (job_type, model) in seen:
+                    continue
+                seen.add((job_type, model))
+                jobs.append(Job(endpoint=_ENDPOINT_OF_TYPE[job_type], body={}, model=model,
+                                type=job_type, max_tokens=64, id=f"sample-{len(jobs)}"))
+        jobs.append(Job(endpoint="chat.completions", body={}, model="sample-model",
+                        max_tokens=64, id="sample-generic"))
+        at = now_ms()
+        return [j.to_script(at) for j in jobs]
+
+    # -- deciding ------------------------------------------------------------
+
+    def _decide(self, job: Job) -> Any:
+        at = now_ms()
+        started = time.perf_counter()
+        try:
+            decision = self.policies.scheduler.decide(job.to_script(at), self.registry.state)
+        except PolicyError as exc:
+            # Even the built-in default failed: there is no answer to give.
+            self.metrics.policy_errors.labels(exc.code).inc()
+            raise JobError(503, "scheduler_error", f"no policy could decide: {exc}") from None
+        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        self.metrics.decisions.labels(decision.kind).inc()
+        if decision.fallback:
+            for failure in decision.fallback["failures"]:
+                self.metrics.policy_errors.labels(failure["code"]).inc()
+                self.metrics.fallbacks.labels(failure["code"], decision.fallback["used"]).inc()
+        record = {
+            "at": at, "job_id": job.id, "policy_version": self.policies.version,
+            **decision.to_dict(), "job": job.to_script(at),
+        }
+        self.decisions.append(record)
+        self.store.add_decision(record)
+        return decision
+
+    def kick(self) -> None:
+        """The state changed: queued jobs get another look."""
+        self._wake.set()
+
+    async def acquire(self, job: Job) -> Worker:
+        """Answers the worker the job runs on, waiting in the queue if need be.
+
+        Raises JobError when the job is refused, expires, or is cancelled."""
+        self.jobs[job.id] = job
+        while len(self.jobs) > 10_000:
+            self.jobs.popitem(last=False)
+        if not self.queue:
+            worker = self._try(job)
+            if worker is not None:
+                return worker
+        else:
+            job.wake_at = None
+        capacity = self.config.queue.capacity
+        if capacity is not None and len(self.queue) >= capacity:
+            raise JobError(429, "queue_full", f"the queue is full ({capacity} jobs)",
+                           retry_after_ms=1000, policy_version=self.policies.version)
+        loop = asyncio.get_running_loop()
+        job.waiter = loop.create_future()
+        job.status = "queued"
+        self.queue.append(job)
+        self.metrics.queue_depth.set(len(self.queue))
+        self._pump()
+        try:
+            return await job.waiter
+        except asyncio.CancelledError:
+            self._drop(job)
+            raise
+
+    def _try(self, job: Job) -> Worker | None:
+        """One decision; dispatches or refuses, or answers None to wait."""
+        decision = self._decide(job)
+        if decision.actions:
+            # Actions need a hive agent on the pool; until one is connected
+            # they are only recorded with the decision.
+            log.info("job %s: policy asked for actions %s", job.id, decision.actions)
+        if decision.kind == "dispatch":
+            worker = self.registry.workers.get(decision.worker_id)
+            if worker is None:
+                return None
+            job.status, job.worker_id = "scheduled", worker.id
+            self.registry.acquire(worker)
+            self.metrics.in_flight.labels(worker.id).inc()
+            return worker
+        if decision.kind == "reject":
+            raise JobError(
+                decision.status or 503, decision.reason or "rejected",
+                f"the scheduler refused the job ({decision.reason})",
+                retry_after_ms=(decision.retry_after_ms or 1000)
+                if decision.status == 429 else None,
+                policy_version=self.policies.version,
+            )
+        job.wait_reason = decision.reason
+        job.wake_at = now_ms() + decision.retry_after_ms if decision.retry_after_ms else None
+        return None
+
+    def release(self, job: Job, worker: Worker) -> None:
+        self.registry.release(worker)
+        self.metrics.in_flight.labels(worker.id).dec()
+
+    def _drop(self, job: Job) -> None:
+        if job in self.queue:
+            self.queue.remove(job)
+            self.metrics.queue_depth.set(len(self.queue))
+
+    def _finish_waiting(self, job: Job, error: JobError) -> None:
+        self._drop(job)
+        if job.waiter is not None and not job.waiter.done():
+            job.waiter.set_exception(error)
+
+    def cancel(self, job: Job) -> bool:
+        if job in self.queue:
+            self._finish_waiting(job, JobError(499, "cancelled", "the job was cancelled"))
+            return True
+        return False
+
+    # -- the queue -----------------------------------------------------------
+
+    def _order(self, at: int) -> list[Job]:
+        aging = self.config.queue.aging_ms
+
+        def key(job: Job) -> tuple[int, int]:
+            waited = max(0, at - job.created_at)
+            return (max(0, priority_class(job.priority) - waited // aging), job.seq)
+
+        return sorted(self.queue, key=key)
+
+    def _pump(self) -> int | None:
+        """Looks at every queued job in order; answers when to look again."""
+        at = now_ms()
+        next_wake: int | None = None
+        for job in self._order(at):
+            if job.waiter is None or job.waiter.done():
+                self._drop(job)
+                continue
+            if at >= job.expires_at:
+                reason = "deadline_exceeded" if job.deadline_ms is not None and \
+                    at >= job.created_at + job.deadline_ms else "timeout"
+                self._finish_waiting(job, JobError(
+                    504, reason,
+                    f"no worker could take the job in time (waited {at - job.created_at} ms; "
+                    f"last reason: {job.wait_reason or 'none'})"))
+                continue
+            if job.wake_at is not None and at < job.wake_at:
+                next_wake = min(next_wake or job.wake_at, job.wake_at)
+                continue
+            try:
+                worker = self._try(job)
+            except JobError as exc:
+                self._finish_waiting(job, exc)
+                continue
+            if worker is not None:
+                self._drop(job)
+                job.waiter.set_result(worker)
+            else:
+                for t in (job.wake_at, job.expires_at):
+                    if t is not None:
+                        next_wake = min(next_wake or t, t)
+        self.metrics.queue_depth.set(len(self.queue))
+        return next_wake
+
+    async def _pump_forever(self) -> None:
+        while True:
+            next_wake = self._pump() if self.queue else None
+            delay = _IDLE_TICK_MS if next_wake is None else max(1, next_wake - now_ms())
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(delay, _IDLE_TICK_MS) / 1000)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _probe_forever(self, session: Any) -> None:
+        health = self.config.health
+        while True:
+            try:
+                await self.registry.probe_once(
+                    session, health.timeout_ms / 1000, health.failures_before_down
+                )
+            except Exception:  # a probe must never end the loop
+                log.exception("health probe round failed")
+            await asyncio.sleep(health.interval_ms / 1000)

@@ -1,0 +1,228 @@
+"""Embedded SQLite store: policy versions, job records and the bounded
+decision log, kept across restarts.
+
+Writes are handed to one writer thread and committed in batches, so the
+request path never waits for the disk; ``flush()`` waits for what was handed
+over (the queen calls it on shutdown). Reads use their own connection, which
+WAL mode lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["Store"]
+
+log = logging.getLogger("rbee.queen.store")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS policy_versions (
+    version     INTEGER PRIMARY KEY AUTOINCREMENT,
+    source      TEXT NOT NULL,
+    format      TEXT NOT NULL,
+    origin      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    active      INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id          TEXT PRIMARY KEY,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    status      TEXT NOT NULL,
+    record      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id      TEXT NOT NULL,
+    at          REAL NOT NULL,
+    record      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_job ON decisions (job_id);
+"""
+
+_STOP = object()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+class Store:
+    def __init__(self, path: str | Path, decision_log_size: int = 10_000) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.decision_log_size = decision_log_size
+        self._read = self._connect()
+        self._read.executescript(_SCHEMA)
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._writer, name="rbee-store", daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    # -- writing -------------------------------------------------------------
+
+    def _submit(self, sql: str, params: Iterable[Any]) -> None:
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        self._writes.put((sql, tuple(params)))
+
+    def _writer(self) -> None:
+        conn = self._connect()
+        written_decisions = 0
+        while True:
+            item = self._writes.get()
+            batch = [item]
+            while True:
+                try:
+                    batch.append(self._writes.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(b is _STOP for b in batch)
+            work = [b for b in batch if b is not _STOP]
+            try:
+                conn.execute("BEGIN")
+                for sql, params in work:
+                    conn.execute(sql, params)
+                    if sql.startswith("INSERT INTO decisions"):
+                        written_decisions += 1
+                # Trim the decision log now and then, not on every insert.
+                if written_decisions >= 256:
+                    written_decisions = 0
+                    conn.execute(
+                        "DELETE FROM decisions WHERE seq <= "
+                        "(SELECT MAX(seq) FROM decisions) - ?",
+                        (self.decision_log_size,),
+                    )
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                log.exception("store: a batch of %d writes failed", len(work))
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            with self._lock:
+                self._pending -= len(work)
+                if self._pending == 0:
+                    self._idle.set()
+            if stop:
+                conn.close()
+                return
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Waits until every write handed over so far is committed."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self._writes.put(_STOP)
+        self._thread.join(timeout=10)
+        self._read.close()
+
+    # -- policy versions -----------------------------------------------------
+
+    def add_policy_version(self, source: str, fmt: str, origin: str) -> int:
+        """Stores a version and makes it the active one; answers its number.
+
+        Synchronous: versions are rare and callers need the number."""
+        self.flush()
+        with self._lock:
+            cur = self._read.execute(
+                "INSERT INTO policy_versions (source, format, origin, created_at, active) "
+                "VALUES (?, ?, ?, ?, 0)",
+                (source, fmt, origin, time.time()),
+            )
+            version = int(cur.lastrowid)
+        self.activate_policy_version(version)
+        return version
+
+    def activate_policy_version(self, version: int) -> None:
+        with self._lock:
+            self._read.execute("BEGIN")
+            self._read.execute("UPDATE policy_versions SET active = 0 WHERE active = 1")
+            self._read.execute(
+                "UPDATE policy_versions SET active = 1 WHERE version = ?", (version,)
+            )
+            self._read.execute("COMMIT")
+
+    def policy_versions(self) -> list[dict[str, Any]]:
+        rows = self._read.execute(
+            "SELECT version, format, origin, created_at, active, length(source) "
+            "FROM policy_versions ORDER BY version"
+        ).fetchall()
+        return [
+            {"version": v, "format": f, "origin": o, "created_at": c, "active": bool(a),
+             "size": n}
+            for v, f, o, c, a, n in rows
+        ]
+
+    def policy_version(self, version: int) -> dict[str, Any] | None:
+        row = self._read.execute(
+            "SELECT version, source, format, origin, created_at, active "
+            "FROM policy_versions WHERE version = ?",
+            (version,),
+        ).fetchone()
+        if row is None:
+            return None
+        v, s, f, o, c, a = row
+        return {"version": v, "source": s, "format": f, "origin": o, "created_at": c,
+                "active": bool(a)}
+
+    def active_policy_version(self) -> dict[str, Any] | None:
+        row = self._read.execute(
+            "SELECT version FROM policy_versions WHERE active = 1"
+        ).fetchone()
+        return self.policy_version(row[0]) if row else None
+
+    # -- jobs and decisions --------------------------------------------------
+
+    def save_job(self, record: dict[str, Any]) -> None:
+        now = time.time()
+        self._submit(
+            "INSERT INTO jobs (id, created_at, updated_at, status, record) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET updated_at = excluded.updated_at, "
+            "status = excluded.status, record = excluded.record",
+            (record["id"], record.get("created_at", now), now, record.get("status", ""),
+             _dumps(record)),
+        )
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        row = self._read.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def add_decision(self, record: dict[str, Any]) -> None:
+        self._submit(
+            "INSERT INTO decisions (job_id, at, record) VALUES (?, ?, ?)",
+            (record.get("job_id", ""), record.get("at", time.time()), _dumps(record)),
+        )
+
+    def decisions(self, limit: int = 100, job_id: str | None = None) -> list[dict[str, Any]]:
+        """The newest decisions first."""
+        if job_id is None:
+            rows = self._read.execute(
+                "SELECT record FROM decisions ORDER BY seq DESC LIMIT ?", (limit,)
+            ).fetchall()
+        else:
+            rows = self._read.execute(
+                "SELECT record FROM decisions WHERE job_id = ? ORDER BY seq DESC LIMIT ?",
+                (job_id, limit),
+            ).fetchall()
+        return [json.loads(r[0]) for r in rows]
