@@ -24,6 +24,9 @@ pub enum Tripped {
     Timeout,
     Operations,
     Memory,
+    /// A helper that must not fail was asked to build a value over the size
+    /// limits (see `helpers::safety`).
+    Data,
 }
 
 impl Tripped {
@@ -32,6 +35,7 @@ impl Tripped {
             Tripped::Timeout => "rbee:timeout",
             Tripped::Operations => "rbee:operations",
             Tripped::Memory => "rbee:memory",
+            Tripped::Data => "rbee:data",
         }
     }
 }
@@ -139,6 +143,14 @@ pub fn charge(n: u64) -> Result<(), Tripped> {
         c.tripped.map_or(Ok(()), Err)
     })
     .unwrap_or(Ok(()))
+}
+
+/// Stops the decision at its next operation, for a helper that cannot report
+/// the error itself.
+pub fn trip(t: Tripped) {
+    with(|c| {
+        c.tripped.get_or_insert(t);
+    });
 }
 
 pub fn log(line: &str) {

@@ -95,18 +95,13 @@ pub fn classify(err: &EvalAltResult, limits: &Limits) -> (&'static str, String, 
             let tripped = match token.to_string().as_str() {
                 "rbee:operations" => Tripped::Operations,
                 "rbee:memory" => Tripped::Memory,
+                "rbee:data" => Tripped::Data,
                 _ => Tripped::Timeout,
             };
             limit_message(tripped, limits)
         }
         EvalAltResult::ErrorTooManyOperations(_) => limit_message(Tripped::Operations, limits),
-        EvalAltResult::ErrorDataTooLarge(what, _) => (
-            "DataTooLarge",
-            format!(
-                "{what} is over the sandbox limit (strings {} bytes, arrays {} items, maps {} entries)",
-                limits.max_string_bytes, limits.max_array_items, limits.max_map_entries
-            ),
-        ),
+        EvalAltResult::ErrorDataTooLarge(what, _) => ("DataTooLarge", data_message(what, limits)),
         EvalAltResult::ErrorStackOverflow(_) => (
             "StackOverflow",
             format!("more than {} nested function calls (max_call_levels)", limits.max_call_levels),
@@ -142,5 +137,13 @@ fn limit_message(t: Tripped, limits: &Limits) -> (&'static str, String) {
             "MemoryLimitExceeded",
             format!("script allocated more than {} bytes (memory_bytes)", limits.memory_bytes),
         ),
+        Tripped::Data => ("DataTooLarge", data_message("Length of string", limits)),
     }
+}
+
+fn data_message(what: &str, limits: &Limits) -> String {
+    format!(
+        "{what} is over the sandbox limit (strings {} bytes, arrays {} items, maps {} entries)",
+        limits.max_string_bytes, limits.max_array_items, limits.max_map_entries
+    )
 }

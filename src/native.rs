@@ -316,7 +316,17 @@ fn eval(node: &Node, item: &Dynamic, curry: &[Dynamic]) -> Eval {
                 (Val::Bool(x), Val::Bool(y)) if matches!(op, CmpOp::Eq | CmpOp::Ne) => {
                     x.partial_cmp(y)
                 }
-                _ => as_f(&a)?.partial_cmp(&as_f(&b)?),
+                (Val::Unit, Val::Unit) if matches!(op, CmpOp::Eq | CmpOp::Ne) => {
+                    Some(std::cmp::Ordering::Equal)
+                }
+                (Val::Int(_) | Val::Float(_), Val::Int(_) | Val::Float(_)) => {
+                    as_f(&a)?.partial_cmp(&as_f(&b)?)
+                }
+                // Values of different types never compare in Rhai: every
+                // comparison is false except `!=` (`None` below).
+                (Val::Unit, _) | (_, Val::Unit) | (Val::Str(_), _) | (_, Val::Str(_)) => None,
+                // bool against a number, or bools ordered: leave it to Rhai.
+                _ => return None,
             };
             let r = match (op, ord) {
                 (CmpOp::Ne, None) => true,

@@ -114,9 +114,28 @@ struct Decided {
     actions: Vec<Map>,
 }
 
+/// Names a returned value for an error message, in script terms rather than
+/// the Rust type names Rhai reports for custom types.
 fn describe(v: &Dynamic) -> String {
+    if let Some(r) = v.read_lock::<Reject>() {
+        return format!("reject(\"{}\", {})", r.code, r.status);
+    }
+    if let Some(w) = v.read_lock::<Wait>() {
+        return format!("wait(\"{}\")", w.reason);
+    }
+    if let Some(d) = v.read_lock::<Dispatch>() {
+        return format!("dispatch(\"{}\")", d.worker_id);
+    }
+    if v.read_lock::<record::Rec>().is_some() {
+        return match text(&field(v, "id")) {
+            Some(id) => format!("the record of '{id}'"),
+            None => "a record without an id".into(),
+        };
+    }
+    let name = v.type_name();
+    let name = if name.contains("::Range") { "range" } else { name.rsplit("::").next().unwrap_or(name) };
     let shown = helpers::display(v, 120).unwrap_or_else(|_| "…".into());
-    format!("{} ({shown})", v.type_name())
+    format!("{name} ({shown})")
 }
 
 /// Interprets what `schedule_job` returned (DESIGN 2.1).
@@ -152,7 +171,9 @@ fn interpret(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> R
                 ));
             }
         }
-        return Ok(Decided { outcome: Outcome::Wait("actions_pending".into(), None), actions });
+        // Only `()`s (no eviction qualified, no worker fits): nothing pending.
+        let reason = if actions.is_empty() { "no_worker" } else { "actions_pending" };
+        return Ok(Decided { outcome: Outcome::Wait(reason.into(), None), actions });
     }
     if let Some(a) = value.read_lock::<Action>() {
         actions.push(a.to_map());
@@ -468,6 +489,11 @@ pub fn evaluate<'py>(
         let session = Session::enter(ctx);
         let result = engine.eval_ast::<Dynamic>(&ast);
         let ctx = session.finish();
+        // A limit a helper tripped after the last operation still counts.
+        let result = match ctx.tripped {
+            Some(t) if result.is_ok() => Err(helpers::terminated(t)),
+            _ => result,
+        };
         (result, ctx)
     };
     let (result, ctx) = py.detach(run);

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use rhai::{Array, Dynamic, Engine, FuncRegistration, ImmutableString, Map, NativeCallContext, FLOAT};
+use rhai::{Array, Dynamic, Engine, FuncRegistration, ImmutableString, Map, NativeCallContext};
 
 use crate::context;
 use crate::state::num;
@@ -24,6 +24,16 @@ pub const HOT: &[&str] = &[
     "cost_per_token", "latency_ms", "tokens_per_sec", "capability", "backend", "model",
     "models", "geo", "pool", "last_used_at", "priority",
 ];
+
+/// Slots the Rust helpers read directly: each is the position of its name in
+/// `HOT` (the helpers' tests fail if they drift apart).
+pub const ID: usize = 0;
+pub const LOAD: usize = 2;
+pub const ACTIVE: usize = 3;
+pub const SLOTS: usize = 4;
+pub const VRAM_FREE: usize = 6;
+pub const LATENCY_MS: usize = 9;
+pub const TOKENS_PER_SEC: usize = 10;
 
 pub const ESTIMATE: &str = "estimated_time";
 
@@ -77,19 +87,12 @@ impl Rec {
     /// is busy, each job beyond the slots costs one service time per slot.
     pub fn estimate(&self) -> Option<Dynamic> {
         let max_tokens = context::with(|c| c.max_tokens).flatten()?;
-        let get = |k: &str| self.get_num(k);
-        let tps = get("tokens_per_sec").filter(|t| *t > 0.0)?;
-        let service = get("latency_ms").unwrap_or(0.0) + max_tokens / tps * 1000.0;
-        let slots = get("slots").unwrap_or(1.0).max(1.0);
-        let ahead = (get("active").unwrap_or(0.0) - slots + 1.0).max(0.0);
+        let get = |slot: usize| self.slot(slot).and_then(num);
+        let tps = get(TOKENS_PER_SEC).filter(|t| *t > 0.0)?;
+        let service = get(LATENCY_MS).unwrap_or(0.0) + max_tokens / tps * 1000.0;
+        let slots = get(SLOTS).unwrap_or(1.0).max(1.0);
+        let ahead = (get(ACTIVE).unwrap_or(0.0) - slots + 1.0).max(0.0);
         Some(Dynamic::from_float(ahead * service / slots + service))
-    }
-
-    pub fn get_num(&self, key: &str) -> Option<FLOAT> {
-        match hot_slot(key) {
-            Some(slot) => self.slot(slot).and_then(num),
-            None => self.0.map.get(key).and_then(num),
-        }
     }
 
     /// A plain map with the same entries, `estimated_time` included.
@@ -102,7 +105,9 @@ impl Rec {
     }
 
     fn keys(&self) -> Array {
-        let mut keys: Array = self.0.map.keys().map(|k| Dynamic::from(k.clone())).collect();
+        // Rhai strings, as a map's keys() gives (not the map's own key type).
+        let mut keys: Array =
+            self.0.map.keys().map(|k| Dynamic::from(ImmutableString::from(k.as_str()))).collect();
         if !self.0.map.contains_key(ESTIMATE) && self.estimate().is_some() {
             keys.push(ESTIMATE.into());
         }

@@ -109,16 +109,18 @@ pub fn normalise_worker(map: &mut Map) {
     if !map.get("status").map_or(false, |s| s.is_string()) {
         map.insert("status".into(), "ready".into());
     }
-    let active = map.get("active").and_then(|v| v.as_int().ok());
-    let slots = map.get("slots").and_then(|v| v.as_int().ok());
-    let active = active.unwrap_or_else(|| {
-        map.insert("active".into(), Dynamic::from_int(0));
-        0
-    });
-    let slots = slots.unwrap_or_else(|| {
-        map.insert("slots".into(), Dynamic::from_int(1));
-        1
-    });
+    // Counts may arrive as whole floats (`2.0`, as some JSON encoders write
+    // them): keep their value instead of replacing it with the default.
+    let count = |v: Option<&Dynamic>| {
+        let v = v?;
+        v.as_int().ok().or_else(|| {
+            v.as_float().ok().filter(|f| f.fract() == 0.0 && f.abs() < 1e15).map(|f| f as INT)
+        })
+    };
+    let active = count(map.get("active")).unwrap_or(0);
+    let slots = count(map.get("slots")).unwrap_or(1);
+    map.insert("active".into(), Dynamic::from_int(active));
+    map.insert("slots".into(), Dynamic::from_int(slots));
     if !map.contains_key("load") {
         let load = if slots > 0 { active as FLOAT / slots as FLOAT } else { 1.0 };
         map.insert("load".into(), Dynamic::from_float(load));

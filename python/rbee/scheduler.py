@@ -142,7 +142,13 @@ class Policy:
         once, the fast path) or a plain dict (converted on every call)."""
         if not isinstance(job, dict):
             job = dict(job)
-        raw = self._compiled.decide(job, state, now_ms)
+        try:
+            raw = self._compiled.decide(job, state, now_ms)
+        except PolicyError as exc:
+            # Errors name the policy's file, as compile errors do.
+            if exc.file is None:
+                exc.file = self.name
+            raise
         return Decision(raw, self.name)
 
     def __repr__(self) -> str:
@@ -166,6 +172,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._active = policy or self.default
         self._last_good: Policy | None = None
+        self._active_worked = False
         self.fallbacks: dict[str, int] = {}
 
     @property
@@ -176,11 +183,16 @@ class Scheduler:
     def last_good(self) -> Policy | None:
         return self._last_good
 
-    def set_policy(self, policy: Policy) -> None:
-        """Makes ``policy`` active; the last policy that worked stays as the
-        first fallback until the new one has decided successfully."""
+    def set_policy(self, policy: Policy, *, validated: bool = False) -> None:
+        """Makes ``policy`` active. The outgoing policy becomes the first
+        fallback if it worked (decided successfully, or was validated when it
+        was set); otherwise the last policy that worked stays in that place.
+        """
         with self._lock:
+            if self._active is not self.default and self._active_worked:
+                self._last_good = self._active
             self._active = policy
+            self._active_worked = validated
 
     def _chain(self) -> list[tuple[str, Policy]]:
         with self._lock:
@@ -212,6 +224,8 @@ class Scheduler:
             if policy is not self.default:
                 with self._lock:
                     self._last_good = policy
+                    if policy is self._active:
+                        self._active_worked = True
             if failures:
                 decision.fallback = {"used": role, "policy": policy.name, "failures": failures}
             return decision

@@ -9,7 +9,7 @@ use rhai::{Array, Dynamic, Engine, FnPtr, ImmutableString, Map, NativeCallContex
 use super::{runtime, terminated, HelperResult};
 use crate::context::{self, stable_hash};
 use crate::native::NativeFn;
-use crate::record::with_map;
+use crate::record::{self, with_map, Rec};
 use crate::state::{field, num, text};
 
 /// Reads `key` of a worker map; `()` for anything that is not a map.
@@ -18,7 +18,10 @@ fn get(w: &Dynamic, key: &str) -> Dynamic {
 }
 
 fn id_of(w: &Dynamic) -> Option<ImmutableString> {
-    text(&get(w, "id"))
+    match w.read_lock::<Rec>() {
+        Some(r) => r.slot(record::ID).and_then(text),
+        None => text(&get(w, "id")),
+    }
 }
 
 /// Orders two elements that tie on every stated key: smallest `id` first,
@@ -30,39 +33,57 @@ fn tie(a: &Dynamic, b: &Dynamic) -> Ordering {
     }
 }
 
-/// The element for which `better(a, b)` is never `Greater`, ties by id.
-fn best_by(arr: &Array, mut cmp: impl FnMut(&Dynamic, &Dynamic) -> Ordering) -> Dynamic {
-    let mut best: Option<&Dynamic> = None;
+/// The element with the smallest key, ties broken by `tie`. Each element's
+/// key is read once.
+fn best_by<K>(
+    arr: &Array,
+    key: impl Fn(&Dynamic) -> K,
+    cmp: impl Fn(&K, &K) -> Ordering,
+) -> Dynamic {
+    let mut best: Option<(&Dynamic, K)> = None;
     for w in arr {
-        best = match best {
-            None => Some(w),
-            Some(b) => match cmp(w, b).then_with(|| tie(w, b)) {
-                Ordering::Less => Some(w),
-                _ => Some(b),
-            },
+        let k = key(w);
+        let better = match &best {
+            None => true,
+            Some((b, bk)) => cmp(&k, bk).then_with(|| tie(w, b)).is_lt(),
         };
+        if better {
+            best = Some((w, k));
+        }
     }
-    best.cloned().unwrap_or(Dynamic::UNIT)
+    best.map_or(Dynamic::UNIT, |(w, _)| w.clone())
 }
 
-fn num_or(w: &Dynamic, key: &str, default: FLOAT) -> FLOAT {
-    num(&get(w, key)).unwrap_or(default)
+/// A numeric hot field of a record (or the same field of a map).
+fn num_at(w: &Dynamic, slot: usize) -> Option<FLOAT> {
+    match w.read_lock::<Rec>() {
+        Some(r) => r.slot(slot).and_then(num),
+        None => num(&get(w, record::HOT[slot])),
+    }
 }
 
-fn by_load(a: &Dynamic, b: &Dynamic) -> Ordering {
-    num_or(a, "load", FLOAT::INFINITY).total_cmp(&num_or(b, "load", FLOAT::INFINITY))
+/// `(load, vram_free)`: a missing load sorts last, a missing vram_free as 0.
+fn load_key(w: &Dynamic) -> (FLOAT, FLOAT) {
+    (
+        num_at(w, record::LOAD).unwrap_or(FLOAT::INFINITY),
+        num_at(w, record::VRAM_FREE).unwrap_or(-1.0),
+    )
 }
 
-fn by_vram_desc(a: &Dynamic, b: &Dynamic) -> Ordering {
-    num_or(b, "vram_free", -1.0).total_cmp(&num_or(a, "vram_free", -1.0))
+fn by_load(a: &(FLOAT, FLOAT), b: &(FLOAT, FLOAT)) -> Ordering {
+    a.0.total_cmp(&b.0)
+}
+
+fn by_vram_desc(a: &(FLOAT, FLOAT), b: &(FLOAT, FLOAT)) -> Ordering {
+    b.1.total_cmp(&a.1)
 }
 
 pub fn least_loaded(arr: &mut Array) -> Dynamic {
-    best_by(arr, |a, b| by_load(a, b).then_with(|| by_vram_desc(a, b)))
+    best_by(arr, load_key, |a, b| by_load(a, b).then_with(|| by_vram_desc(a, b)))
 }
 
 fn most_vram_free(arr: &mut Array) -> Dynamic {
-    best_by(arr, |a, b| by_vram_desc(a, b).then_with(|| by_load(a, b)))
+    best_by(arr, load_key, |a, b| by_vram_desc(a, b).then_with(|| by_load(a, b)))
 }
 
 /// Positions of `arr` sorted by id, so rotation and random picks do not
@@ -115,7 +136,8 @@ fn power_of_two_choices(arr: &mut Array) -> Dynamic {
         j += 1;
     }
     let (a, b) = (&arr[order[i]], &arr[order[j]]);
-    match by_load(a, b).then_with(|| by_vram_desc(a, b)).then_with(|| tie(a, b)) {
+    let (ka, kb) = (load_key(a), load_key(b));
+    match by_load(&ka, &kb).then_with(|| by_vram_desc(&ka, &kb)).then_with(|| tie(a, b)) {
         Ordering::Greater => b.clone(),
         _ => a.clone(),
     }

@@ -84,11 +84,12 @@ fn tenant_over_quota(id: &str) -> bool {
 
 fn tenant_remaining_quota(id: &str) -> Dynamic {
     let Some(t) = tenant(id) else { return Dynamic::UNIT };
-    let Some(limit) = field(&field(&t, "quota"), "tokens_per_day").as_int().ok() else {
+    // Numbers may come as floats (`1e6` in JSON): read both kinds.
+    let Some(limit) = num(&field(&field(&t, "quota"), "tokens_per_day")) else {
         return Dynamic::UNIT;
     };
-    let used = field(&field(&t, "usage"), "tokens_today").as_int().unwrap_or(0);
-    Dynamic::from_int((limit - used).max(0))
+    let used = num(&field(&field(&t, "usage"), "tokens_today")).unwrap_or(0.0);
+    Dynamic::from_int((limit - used).max(0.0) as INT)
 }
 
 fn model_field(reference: &str, key: &str) -> Dynamic {
@@ -100,10 +101,10 @@ fn model_field(reference: &str, key: &str) -> Dynamic {
 /// VRAM a model needs: `vram_required`, or its file size plus 20% for the KV
 /// cache and activations when only the size is known.
 pub fn vram_required(reference: &str) -> Option<INT> {
-    if let Ok(v) = model_field(reference, "vram_required").as_int() {
-        return Some(v);
+    if let Some(v) = num(&model_field(reference, "vram_required")) {
+        return Some(v as INT);
     }
-    model_field(reference, "size_bytes").as_int().ok().map(|s| s + s / 5)
+    num(&model_field(reference, "size_bytes")).map(|s| s as INT).map(|s| s + s / 5)
 }
 
 fn opt(v: Option<INT>) -> Dynamic {
@@ -244,7 +245,7 @@ pub fn register(engine: &mut Engine) {
     });
     volatile!(e, "tenant_concurrent_jobs", |id: &str| {
         tenant(id).map_or(Dynamic::UNIT, |t| {
-            Dynamic::from_int(field(&field(&t, "usage"), "concurrent").as_int().unwrap_or(0))
+            Dynamic::from_int(num(&field(&field(&t, "usage"), "concurrent")).unwrap_or(0.0) as INT)
         })
     });
     volatile!(e, "tenant_weight", |id: &str| {
@@ -257,6 +258,18 @@ pub fn register(engine: &mut Engine) {
     volatile!(e, "model_size_bytes", |r: &str| model_field(r, "size_bytes"));
     volatile!(e, "model_vram_required", |r: &str| opt(vram_required(r)));
     volatile!(e, "model_context_length", |r: &str| model_field(r, "context_length"));
+    // A missing id (`job.tenant_id` of a job without a tenant reads as `()`)
+    // is an unknown id: `false` or `()`, not "function not found".
+    e.register_fn("tenant_over_quota", |_: ()| false)
+        .register_fn("model_exists", |_: ()| false);
+    for name in [
+        "gpu_vram_total", "gpu_vram_free", "gpu_vram_allocated", "gpu_device_name",
+        "gpu_utilization", "gpu_temperature", "tenant_remaining_quota", "tenant_usage",
+        "tenant_concurrent_jobs", "tenant_weight", "model_size_bytes",
+        "model_vram_required", "model_context_length",
+    ] {
+        e.register_fn(name, |_: ()| ());
+    }
     volatile!(e, "evict_least_recently_used", evict_least_recently_used);
     volatile!(e, "evict_lowest_priority", evict_lowest_priority);
     volatile!(e, "evict_idle_workers", evict_idle_workers);

@@ -15,6 +15,7 @@ use rhai::{
 };
 
 use super::HelperResult;
+use crate::context::{self, Tripped};
 use crate::record::Rec;
 
 fn too_large(what: &str) -> Box<EvalAltResult> {
@@ -71,8 +72,43 @@ fn debug_of(ctx: &NativeCallContext, v: &Dynamic) -> HelperResult<ImmutableStrin
     Ok(out)
 }
 
+/// What `to_string`/`to_debug` do with a value too large to display.
+///
+/// They must not fail: Rhai calls them for string interpolation and for
+/// `string + value` through a path that swallows the error and then formats
+/// the whole value itself, with no limit: gigabytes, or an abort when the
+/// allocation fails. So they answer an empty string and stop the decision at
+/// its next operation with `DataTooLarge`. Rhai also checks the argument
+/// again after the call, and that check fails (sending it to the same
+/// unbounded formatting) when the value is itself over Rhai's data limits, as
+/// an array grown by `a[i] = s` can be; such a value is emptied first (the
+/// decision is over anyway). The state's shared arrays, which hold only
+/// records, are never emptied. `print` and `debug` are only called directly
+/// and fail as usual.
+fn over_limit(
+    ctx: &NativeCallContext,
+    value: Dynamic,
+    clear: impl FnOnce(),
+    err: Box<EvalAltResult>,
+) -> HelperResult<ImmutableString> {
+    match ctx.fn_name() {
+        "to_string" | "to_debug" => {
+            if ctx.engine().ensure_data_size_within_limits(&value).is_err() {
+                clear();
+            }
+            context::trip(Tripped::Data);
+            Ok(ImmutableString::new())
+        }
+        _ => Err(err),
+    }
+}
+
 fn format_array(ctx: NativeCallContext, arr: &mut Array) -> HelperResult<ImmutableString> {
-    check(&ctx, &Dynamic::from_array(arr.clone()))?;
+    let value = Dynamic::from_array(arr.clone());
+    if let Err(e) = check(&ctx, &value) {
+        let state_array = arr.iter().all(|x| x.read_lock::<Rec>().is_some());
+        return over_limit(&ctx, value, || if !state_array { arr.clear() }, e);
+    }
     let mut out = String::from("[");
     for (i, x) in arr.iter().enumerate() {
         if i > 0 {
@@ -85,7 +121,10 @@ fn format_array(ctx: NativeCallContext, arr: &mut Array) -> HelperResult<Immutab
 }
 
 fn format_map(ctx: NativeCallContext, map: &mut Map) -> HelperResult<ImmutableString> {
-    check(&ctx, &Dynamic::from_map(map.clone()))?;
+    let value = Dynamic::from_map(map.clone());
+    if let Err(e) = check(&ctx, &value) {
+        return over_limit(&ctx, value, || map.clear(), e);
+    }
     let mut out = String::from("#{");
     for (i, (k, x)) in map.iter().enumerate() {
         if i > 0 {

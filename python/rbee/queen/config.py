@@ -131,8 +131,8 @@ class QueenConfig(_Strict):
     @classmethod
     def _listen(cls, value: str) -> str:
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:7833")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:7833 (port 0: any free port)")
         return value
 
     @property

@@ -85,6 +85,14 @@ class Queen:
     def sample_jobs(self) -> list[dict[str, Any]]:
         """Jobs a new policy must decide before it goes live: one per model
         and capability the cluster serves, plus a generic one."""
+        # Sample jobs carry every optional input (user location, deadline,
+        # tenant, session), so a policy that reads them is judged on its logic.
+        geo = next((w.attrs["geo"] for w in self.registry.workers.values()
+                    if isinstance(w.attrs.get("geo"), dict)), None) or \
+            {"region": "EU", "country": "NL", "latitude": 52.37, "longitude": 4.9}
+        tenant = self.config.tenants[0].id if self.config.tenants else None
+        common = dict(body={}, max_tokens=64, deadline_ms=60_000, tenant_id=tenant,
+                      session_id="sample-session", user={"id": "sample-user", "geo": geo})
         jobs, seen = [], set()
         for worker in self.registry.workers.values():
             job_type = _TYPE_OF_CAPABILITY.get(worker.attrs.get("capability"), "text-gen")
@@ -92,10 +100,10 @@ class Queen:
                 if (job_type, model) in seen:
                     continue
                 seen.add((job_type, model))
-                jobs.append(Job(endpoint=_ENDPOINT_OF_TYPE[job_type], body={}, model=model,
-                                type=job_type, max_tokens=64, id=f"sample-{len(jobs)}"))
-        jobs.append(Job(endpoint="chat.completions", body={}, model="sample-model",
-                        max_tokens=64, id="sample-generic"))
+                jobs.append(Job(endpoint=_ENDPOINT_OF_TYPE[job_type], model=model,
+                                type=job_type, id=f"sample-{len(jobs)}", **common))
+        jobs.append(Job(endpoint="chat.completions", model="sample-model", id="sample-generic",
+                        **common))
         at = now_ms()
         return [j.to_script(at) for j in jobs]
 

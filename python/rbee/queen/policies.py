@@ -93,7 +93,7 @@ class PolicyManager:
         return version
 
     def _activate(self, policy: Policy, version: int, source: str, fmt: str) -> None:
-        self.scheduler.set_policy(policy)
+        self.scheduler.set_policy(policy, validated=True)
         self.version, self.source, self.format = version, source, fmt
         self.on_swap(version)
 
