@@ -368,13 +368,18 @@ impl CompiledPolicy {
             let mut scope = Scope::new();
             let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
             let job_dyn = Dynamic::from_map(job.clone());
-            let result = match self.arity {
-                1 => self.engine.call_fn_with_options::<Dynamic>(options, &mut scope, &self.ast, "schedule_job", (job_dyn,)),
-                2 => self.engine.call_fn_with_options::<Dynamic>(options, &mut scope, &self.ast, "schedule_job", (job_dyn, state.pools_dyn.clone())),
-                _ => self.engine.call_fn_with_options::<Dynamic>(options, &mut scope, &self.ast, "schedule_job", (job_dyn, state.pools_dyn.clone(), workers_dyn.clone())),
-            };
+            let mut args = vec![job_dyn, state.pools_dyn.clone(), workers_dyn.clone()];
+            args.truncate(self.arity);
+            let result = self.engine.call_fn_with_options::<Dynamic>(
+                options, &mut scope, &self.ast, "schedule_job", args,
+            );
             let peak = crate::alloc::Meter::peak();
             let ctx = session.finish();
+            // A limit a helper tripped after the last operation still counts.
+            let result = match ctx.tripped {
+                Some(t) if result.is_ok() => Err(helpers::terminated(t)),
+                _ => result,
+            };
             let decided = result.map(|v| interpret(v, &state, &failed));
             (decided, ctx, peak)
         };

@@ -418,6 +418,9 @@ pub fn register(engine: &mut Engine) {
         .register_fn("count", count)
         .register_fn("by_id", by_id)
         .register_fn("with_model", with_model)
+        // A job without a model (`job.model` is `()`) matches no worker.
+        .register_fn("with_model", |_: &mut Array, _: ()| Array::new())
+        .register_fn("can_fit", |_: &mut Array, _: ()| Array::new())
         .register_fn("with_capability", |a: &mut Array, c: &str| {
             keep(a, |m| str_field_is(m, "capability", c))
         })
