@@ -38,6 +38,7 @@ class Queen:
         self.metrics = Metrics()
         self.demo = False
         self._wake = asyncio.Event()
+        self._stopping = False
         self.store = store or Store(config.database, config.decision_log_size)
         self.registry = Registry(
             models=[m.model_dump(exclude_none=True) for m in config.models],
@@ -75,6 +76,8 @@ class Queen:
                 name="rbee-policy-watch"))
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -258,7 +261,9 @@ class Queen:
         return next_wake
 
     async def _pump_forever(self) -> None:
-        while True:
+        # The flag, not only cancellation, ends the loop: on Python 3.11
+        # `wait_for` can swallow a cancel that arrives as the event is set.
+        while not self._stopping:
             next_wake = self._pump() if self.queue else None
             delay = _IDLE_TICK_MS if next_wake is None else max(1, next_wake - now_ms())
             self._wake.clear()
@@ -269,7 +274,7 @@ class Queen:
 
     async def _probe_forever(self, session: Any) -> None:
         health = self.config.health
-        while True:
+        while not self._stopping:
             try:
                 await self.registry.probe_once(
                     session, health.timeout_ms / 1000, health.failures_before_down

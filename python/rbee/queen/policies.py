@@ -201,7 +201,7 @@ class PolicyManager:
         """Polls the watched file (a stat call; cheaper and more portable than
         an inotify dependency for one file)."""
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(interval_s)  # a plain sleep takes a cancel reliably
             try:
                 if self.check_file():
                     on_result("ok")
