@@ -379,3 +379,31 @@ def test_a_job_that_cannot_run_in_time_ends_with_a_clear_error(harness):
                                    "messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_latency_and_speed_are_learned_from_real_responses(harness):
+    assert put_policy(harness, PICK_BY_ID.format(id="cheap-eu")).status_code == 200
+    worker = harness.queen.registry.workers["cheap-eu"]
+    before = (worker.latency_ms, worker.tokens_per_sec)
+    assert before == (100, 60)
+    stream = harness.openai().chat.completions.create(
+        model="llama-3.1-8b-instruct", messages=[{"role": "user", "content": "x"}],
+        max_tokens=20, stream=True)
+    assert len([c for c in stream if c.choices and c.choices[0].delta.content]) == 20
+    # The fake answers in ~5 ms at 2,000 tokens/s, far from the configured
+    # 100 ms and 60 tokens/s, so one response moves both averages.
+    assert worker.latency_ms < 100
+    assert worker.tokens_per_sec > 60
+    with harness.http() as http:
+        seen = {w["id"]: w for w in http.get("/v1/state").json()["workers"]}
+    assert seen["cheap-eu"]["latency_ms"] == pytest.approx(worker.latency_ms)
+
+
+def test_metrics_cover_decisions_queue_workers_and_tokens(harness):
+    chat(harness.openai())
+    with harness.http() as http:
+        text = http.get("/metrics").text
+    for name in ("rbee_decisions_total{outcome=\"dispatch\"}", "rbee_decision_seconds_bucket",
+                 "rbee_queue_depth", "rbee_worker_in_flight", "rbee_upstream_seconds_bucket",
+                 "rbee_tokens_total", "rbee_requests_total"):
+        assert name in text, name
