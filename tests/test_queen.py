@@ -407,3 +407,60 @@ def test_metrics_cover_decisions_queue_workers_and_tokens(harness):
                  "rbee_queue_depth", "rbee_worker_in_flight", "rbee_upstream_seconds_bucket",
                  "rbee_tokens_total", "rbee_requests_total"):
         assert name in text, name
+
+
+def test_a_worker_that_stops_answering_is_down_until_it_answers(harness):
+    fake = harness.fakes["cheap-eu"]
+    worker = harness.queen.registry.workers["cheap-eu"]
+    fake.down = True
+    assert _eventually(lambda: worker.status == "down")
+    with harness.http() as http:
+        state = {w["id"]: w for w in http.get("/v1/state").json()["workers"]}
+    assert state["cheap-eu"]["status"] == "down"
+    for _ in range(3):
+        assert chat(harness.openai())[0] == "fast-us"
+    fake.down = False
+    assert _eventually(lambda: worker.status == "ready")
+
+
+def test_validate_and_preview_have_no_side_effects(harness):
+    candidate = 'fn schedule_job(job, pools, workers) { workers.round_robin() }'
+    jobs = [{"id": f"p{i}", "model": "llama-3.1-8b-instruct"} for i in range(3)]
+    with harness.http() as http:
+        valid = http.post("/v1/scheduler/validate", json={"source": candidate})
+        assert valid.status_code == 200 and valid.json()["valid"] is True
+        invalid = http.post("/v1/scheduler/validate", json={"source": "fn schedule_job(j) {"})
+        assert invalid.status_code == 400 and invalid.json()["error"]["line"] == 1
+        preview = http.post("/v1/scheduler/preview", json={"source": candidate, "jobs": jobs})
+        picks = [d["worker_id"] for d in preview.json()["decisions"]]
+        assert picks == ["big-box", "cheap-eu", "embedder"]
+        again = http.post("/v1/scheduler/preview", json={"source": candidate, "jobs": jobs})
+        assert [d["worker_id"] for d in again.json()["decisions"]] == picks
+        state = {"workers": [{"id": "only", "slots": 1}]}
+        given = http.post("/v1/scheduler/preview", json={"jobs": jobs[:1], "state": state})
+        assert given.json()["decisions"][0]["kind"] == "wait"  # the default needs the model
+        assert http.get("/v1/scheduler").json()["version"] == 1
+        assert len(http.get("/v1/scheduler/versions").json()["versions"]) == 1
+    assert harness.queen.decisions.maxlen and not list(harness.queen.decisions)
+
+
+def test_pools_register_heartbeat_and_bring_workers(harness):
+    fake = harness.fakes["fast-us"]
+    with harness.http() as http:
+        registered = http.post("/v1/pools/register", json={
+            "id": "garage", "geo": {"region": "EU", "latitude": 51.0, "longitude": 4.0},
+            "gpus": [{"name": "RTX 3060", "backend": "cuda", "vram_total": 12884901888,
+                      "vram_free": 8589934592}],
+            "workers": [{"id": "garage-8b", "url": fake.url,
+                         "models": ["llama-3.1-8b-instruct"], "slots": 1}]})
+        assert registered.status_code == 201
+        assert http.post("/v1/pools/garage/heartbeat", json={}).json()["status"] == "healthy"
+        assert http.post("/v1/pools/nowhere/heartbeat", json={}).status_code == 404
+        state = http.get("/v1/state").json()
+    pool = next(p for p in state["pools"] if p["id"] == "garage")
+    assert pool["workers"] == ["garage-8b"] and pool["gpus"][0]["id"] == "garage/0"
+    assert any(g["id"] == "garage/0" for g in state["gpus"])
+    assert put_policy(harness, 'fn schedule_job(job, pools, workers) {'
+                               ' workers.filter(|w| w.pool == "garage").first() }'
+                      ).status_code == 200
+    assert chat(harness.openai())[0] == "garage-8b"
