@@ -3,6 +3,7 @@ admin token rule for listening beyond loopback."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -98,3 +99,18 @@ def test_a_refused_policy_file_stops_the_start(tmp_path):
     out, err = process.communicate(timeout=60)
     assert process.returncode == 1
     assert f"{policy}:2:" in err
+
+
+def test_json_logs_are_one_object_per_line(tmp_path):
+    port = _free_port()
+    process = _queen("--listen", f"127.0.0.1:{port}", "--state-path", str(tmp_path / "q.db"),
+                     "--log-format", "json")
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert any(entry["logger"] == "rbee.queen" and "listening" in entry["msg"]
+               for entry in lines)
+    assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in lines)

@@ -182,16 +182,18 @@ def policy_decide(
 @click.option("--listen", metavar="HOST:PORT", help="Overrides listen: (default 127.0.0.1:7833).")
 @click.option("--state-path", metavar="FILE", help="Overrides state_path: (the SQLite file).")
 @click.option("--demo", is_flag=True, help="Start a simulated cluster to try policies on.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              help="json: one JSON object per log line.")
 def queen_command(config_path: str | None, mode: str | None, listen: str | None,
-                  state_path: str | None, demo: bool) -> None:
+                  state_path: str | None, demo: bool, log_format: str) -> None:
     """Run queen-rbee, the orchestrator."""
     import asyncio
-    import logging
 
     from rbee.queen.config import ConfigError, load_config, parse_config
+    from rbee.queen.logs import configure_logging
     from rbee.queen.serve import run_queen
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_format)
     try:
         config = load_config(config_path)
         overrides = {k: v for k, v in (("mode", mode), ("listen", listen),

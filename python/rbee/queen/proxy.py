@@ -62,7 +62,9 @@ class Proxy:
                     worker, self.queen.config.health.failures_before_down)
                 job.failed_workers.append(worker.id)
                 log.warning("job %s: worker %s failed (%s), attempt %d",
-                            job.id, worker.id, exc, job.attempts)
+                            job.id, worker.id, exc, job.attempts,
+                            extra={"job_id": job.id, "worker_id": worker.id,
+                                   "attempt": job.attempts})
                 if job.attempts >= self.queen.config.max_attempts:
                     raise JobError(502, "upstream_failed",
                                    f"no worker answered after {job.attempts} attempts "
@@ -158,7 +160,8 @@ class Proxy:
                 raise UpstreamFailed(f"stream broke before the first byte: {exc}") from None
             self.queen.metrics.upstream_failures.labels(worker.id, "mid_stream").inc()
             self.queen.registry.mark_failed(worker, self.queen.config.health.failures_before_down)
-            log.warning("job %s: worker %s failed mid-stream: %s", job.id, worker.id, exc)
+            log.warning("job %s: worker %s failed mid-stream: %s", job.id, worker.id, exc,
+                        extra={"job_id": job.id, "worker_id": worker.id})
             job.error = {"message": f"worker {worker.id} failed mid-stream",
                          "code": "upstream_failed_mid_stream"}
             await response.write(sse_error(job.error["message"], job.error["code"]))
