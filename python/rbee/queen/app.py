@@ -65,7 +65,11 @@ async def read_json(request: web.Request) -> Any:
 
 # -- middleware ----------------------------------------------------------------
 
-_ADMIN_PREFIXES = ("/v1/scheduler", "/v1/workers", "/v1/pools", "/v1/decisions", "/v1/state")
+_ADMIN_PREFIXES = ("/v1/scheduler", "/v1/workers", "/v1/pools", "/v1/decisions", "/v1/state",
+                   "/v1/tenants")
+# Routes anyone may call in platform mode; every other one needs a tenant key.
+_OPEN = ("/health", "/metrics")
+TENANT = "rbee.tenant"
 
 
 def _is_admin(request: web.Request) -> bool:
@@ -78,12 +82,19 @@ def _is_admin(request: web.Request) -> bool:
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Admin token for admin routes, and errors in the OpenAI shape."""
     token = request.app[ADMIN_TOKEN]
-    if token and _is_admin(request):
+    queen = request.app[QUEEN]
+    admin = _is_admin(request)
+    if admin and (token or queen.platform):
         sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        if not token or not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
             return error_response(401, "this endpoint needs the admin token "
                                   "(Authorization: Bearer <token>)", "unauthorized",
                                   "authentication_error")
+    elif queen.platform and not admin and request.path not in _OPEN:
+        try:
+            request[TENANT] = queen.tenants.authenticate(request.headers.get("Authorization"))
+        except JobError as exc:
+            return job_error_response(exc)
     try:
         return await handler(request)
     except BadRequest as exc:
@@ -107,6 +118,9 @@ def inference(endpoint: str) -> Handler:
                                              "user_geo"))
         job = parse_job(endpoint, body, request.headers,
                         default_timeout_ms=queen.config.queue.default_timeout_ms)
+        if TENANT in request:
+            job.tenant_id = request[TENANT].id
+        started = time.perf_counter()
         # Forward the client's bytes untouched unless rbee-only fields had to go.
         payload = json.dumps(body).encode() if had_extras else raw
         status = 500
@@ -124,6 +138,7 @@ def inference(endpoint: str) -> Handler:
             raise
         finally:
             job.finished_at = now_ms()
+            queen.finish(job, time.perf_counter() - started)
             queen.store.save_job(job.record())
             queen.metrics.requests.labels(endpoint, str(status)).inc()
 
@@ -170,6 +185,9 @@ async def submit_job(request: web.Request) -> web.Response:
     body.setdefault("stream", endpoint in ("chat.completions", "completions"))
     job = parse_job(endpoint, body, request.headers,
                     default_timeout_ms=queen.config.queue.default_timeout_ms)
+    if TENANT in request:
+        job.tenant_id = request[TENANT].id
+    started = time.perf_counter()
     events = JobEvents()
     request.app[EVENTS][job.id] = events
     queued = len(queen.queue)
@@ -191,6 +209,7 @@ async def submit_job(request: web.Request) -> web.Response:
             events.emit("error", job.error)
         finally:
             job.finished_at = now_ms()
+            queen.finish(job, time.perf_counter() - started)
             queen.store.save_job(job.record())
 
     tasks = request.app[TASKS]
@@ -212,6 +231,9 @@ def _find_job(request: web.Request) -> dict[str, Any]:
         record = queen.store.job(job_id)
         if record is None:
             raise web.HTTPNotFound(reason=f"no job {job_id}")
+    # A tenant sees only its own jobs; others' look like they do not exist.
+    if TENANT in request and record.get("tenant_id") != request[TENANT].id:
+        raise web.HTTPNotFound(reason=f"no job {job_id}")
     record["decisions"] = queen.store.decisions(limit=20, job_id=job_id) if job is None else [
         d for d in queen.decisions if d["job_id"] == job_id]
     return record
@@ -327,8 +349,18 @@ async def get_scheduler(request: web.Request) -> web.Response:
                               "mode": request.app[QUEEN].config.mode})
 
 
+def _immutable(queen: Queen) -> web.Response | None:
+    if queen.platform:
+        return error_response(403, "platform mode runs the built-in platform scheduler, "
+                              "which cannot be changed", "scheduler_immutable",
+                              "permission_error")
+    return None
+
+
 async def put_scheduler(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
+    if (refused := _immutable(queen)) is not None:
+        return refused
     source, fmt = _policy_body(await read_json(request))
     try:
         version = queen.policies.apply(source, fmt, "api")
@@ -375,6 +407,8 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def rollback(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
+    if (refused := _immutable(queen)) is not None:
+        return refused
     body = await read_json(request) if request.can_read_body else {}
     version = (body or {}).get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
@@ -398,6 +432,51 @@ async def list_decisions(request: web.Request) -> web.Response:
     job_id = request.query.get("job_id")
     items = [d for d in reversed(queen.decisions) if job_id is None or d["job_id"] == job_id]
     return web.json_response({"decisions": items[:limit]})
+
+
+# -- tenants (platform mode, admin) ---------------------------------------------
+
+def _tenant_or_404(request: web.Request) -> Any:
+    tenant = request.app[QUEEN].tenants.by_id.get(request.match_info["tenant_id"])
+    if tenant is None:
+        raise web.HTTPNotFound(reason=f"no tenant {request.match_info['tenant_id']}")
+    return tenant
+
+
+async def add_tenant(request: web.Request) -> web.Response:
+    spec = await read_json(request)
+    if not isinstance(spec, dict):
+        raise BadRequest("the body must be a tenant object {id, name, weight, quota}")
+    try:
+        tenant = request.app[QUEEN].tenants.upsert(spec)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    request.app[QUEEN].kick()
+    return web.json_response(tenant.public(), status=201)
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    queen = request.app[QUEEN]
+    return web.json_response({"tenants": [
+        {**t.public(), "keys": queen.store.keys(t.id)} for t in queen.tenants.by_id.values()]})
+
+
+async def issue_key(request: web.Request) -> web.Response:
+    tenant = _tenant_or_404(request)
+    return web.json_response(request.app[QUEEN].tenants.issue_key(tenant.id), status=201)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    tenant = _tenant_or_404(request)
+    key_id = request.match_info["key_id"]
+    if not request.app[QUEEN].tenants.revoke_key(tenant.id, key_id):
+        raise web.HTTPNotFound(reason=f"no active key {key_id} for tenant {tenant.id}")
+    return web.json_response({"key_id": key_id, "revoked": True})
+
+
+async def tenant_usage(request: web.Request) -> web.Response:
+    tenant = _tenant_or_404(request)
+    return web.json_response(request.app[QUEEN].tenants.usage_report(tenant))
 
 
 # -- operations ----------------------------------------------------------------
@@ -444,6 +523,11 @@ def build_app(queen: Queen, admin_token: str = "") -> web.Application:
     app.router.add_get("/v1/scheduler/versions", list_versions)
     app.router.add_post("/v1/scheduler/rollback", rollback)
     app.router.add_get("/v1/decisions", list_decisions)
+    app.router.add_post("/v1/tenants", add_tenant)
+    app.router.add_get("/v1/tenants", list_tenants)
+    app.router.add_post("/v1/tenants/{tenant_id}/keys", issue_key)
+    app.router.add_delete("/v1/tenants/{tenant_id}/keys/{key_id}", revoke_key)
+    app.router.add_get("/v1/tenants/{tenant_id}/usage", tenant_usage)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
 

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from rbee.errors import PolicyError
@@ -18,6 +19,7 @@ from rbee.queen.metrics import Metrics
 from rbee.queen.policies import PolicyManager
 from rbee.queen.registry import Registry, Worker
 from rbee.queen.store import Store
+from rbee.queen.tenants import Tenant, Tenants
 
 __all__ = ["Queen"]
 
@@ -27,6 +29,10 @@ _TYPE_OF_CAPABILITY = {"text-gen": "text-gen", "image-gen": "image-gen",
                        "embedding": "embedding", "audio": "audio"}
 _ENDPOINT_OF_TYPE = {"text-gen": "chat.completions", "image-gen": "images.generations",
                      "embedding": "embeddings", "audio": "chat.completions"}
+#: The immutable scheduler of platform mode.
+PLATFORM_SCHEDULER = (Path(__file__).parent / "platform-scheduler.rhai").read_text("utf-8")
+# Platform mode's queue is bounded by default (home mode's is not).
+_PLATFORM_QUEUE_CAPACITY = 100
 # With nothing else to wake it, the queue is looked at this often, so that
 # deadlines and timeouts end on time.
 _IDLE_TICK_MS = 1000
@@ -40,6 +46,16 @@ class Queen:
         self._wake = asyncio.Event()
         self._stopping = False
         self.store = store or Store(config.database, config.decision_log_size)
+        self.platform = config.mode == "platform"
+        self.tenants = Tenants(self.store)
+        for tenant in config.tenants:
+            self.tenants.upsert(tenant.model_dump(exclude_none=True))
+        self._vram_of = {name: m.vram_required for m in config.models if m.vram_required
+                         for name in [m.id, *m.aliases]}
+        # Weighted fair queuing: the virtual time, and each tenant's last finish tag.
+        self._vclock = 0.0
+        self._last_finish: dict[str, float] = {}
+        self._dispatched_at: collections.deque[float] = collections.deque(maxlen=64)
         self.registry = Registry(
             models=[m.model_dump(exclude_none=True) for m in config.models],
             tenants=[t.model_dump(exclude_none=True) for t in config.tenants],
@@ -62,14 +78,22 @@ class Queen:
 
     # -- life cycle ----------------------------------------------------------
 
+    @property
+    def queue_capacity(self) -> int | None:
+        capacity = self.config.queue.capacity
+        return _PLATFORM_QUEUE_CAPACITY if capacity is None and self.platform else capacity
+
     async def start(self, session: Any) -> None:
-        self.policies.start(self.config.scheduler)
+        if self.platform:
+            self.policies.start_fixed(PLATFORM_SCHEDULER, "platform")
+        else:
+            self.policies.start(self.config.scheduler)
         self.decisions.extend(reversed(self.store.decisions(limit=self.config.decision_log_size)))
         self._tasks = [
             asyncio.create_task(self._pump_forever(), name="rbee-queue"),
             asyncio.create_task(self._probe_forever(session), name="rbee-health"),
         ]
-        if self.config.scheduler:
+        if self.config.scheduler and not self.platform:
             self._tasks.append(asyncio.create_task(
                 self.policies.watch(on_result=lambda r: self.metrics.policy_reloads.labels(
                     "file", r).inc()),
@@ -113,6 +137,10 @@ class Queen:
     # -- deciding ------------------------------------------------------------
 
     def _decide(self, job: Job) -> Any:
+        if self.platform:
+            # Quota helpers read the tenants' live usage.
+            self.registry.state.replace(
+                "tenants", [t.snapshot() for t in self.tenants.by_id.values()])
         at = now_ms()
         started = time.perf_counter()
         try:
@@ -152,10 +180,13 @@ class Queen:
                 return worker
         else:
             job.wake_at = None
-        capacity = self.config.queue.capacity
+        capacity = self.queue_capacity
         if capacity is not None and len(self.queue) >= capacity:
+            self._count_rejection(job, "queue_full")
             raise JobError(429, "queue_full", f"the queue is full ({capacity} jobs)",
-                           retry_after_ms=1000, policy_version=self.policies.version)
+                           retry_after_ms=self._drain_estimate_ms(),
+                           policy_version=self.policies.version)
+        self._tag(job)
         loop = asyncio.get_running_loop()
         job.waiter = loop.create_future()
         job.status = "queued"
@@ -168,9 +199,39 @@ class Queen:
             self._drop(job)
             raise
 
+    def _tenant(self, job: Job) -> Tenant | None:
+        return self.tenants.by_id.get(job.tenant_id) if job.tenant_id else None
+
+    def _count_rejection(self, job: Job, code: str) -> None:
+        if job.tenant_id:
+            self.metrics.tenant_rejections.labels(job.tenant_id, code).inc()
+
+    def _drain_estimate_ms(self) -> int:
+        """How long until the queue has room, from the recent dispatch rate."""
+        times = self._dispatched_at
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 1000
+        per_job = (times[-1] - times[0]) / (len(times) - 1)
+        return max(100, int(per_job * 1000))
+
+    def _tag(self, job: Job) -> None:
+        """Start and finish tags of weighted fair queuing: a tenant of weight
+        w advances its own virtual clock by 1/w per job, so under saturation
+        it gets w shares of the dispatches."""
+        tenant = self._tenant(job)
+        key = job.tenant_id or ""
+        weight = tenant.weight if tenant is not None else 1.0
+        job.vstart = max(self._vclock, self._last_finish.get(key, 0.0))
+        job.vfinish = job.vstart + 1.0 / weight
+        self._last_finish[key] = job.vfinish
+
     def _try(self, job: Job) -> Worker | None:
         """One decision; dispatches or refuses, or answers None to wait."""
         decision = self._decide(job)
+        tenant = self._tenant(job)
+        if tenant is not None and decision.kind != "reject" and not job.rate_counted:
+            job.rate_counted = True
+            tenant.recent.append(time.time())
         if decision.actions:
             # Actions need a hive agent on the pool; until one is connected
             # they are only recorded with the decision.
@@ -182,22 +243,49 @@ class Queen:
             job.status, job.worker_id = "scheduled", worker.id
             self.registry.acquire(worker)
             self.metrics.in_flight.labels(worker.id).inc()
+            self._dispatched_at.append(time.monotonic())
+            self._vclock = max(self._vclock, job.vstart)
+            if tenant is not None:
+                tenant.concurrent += 1
+                job.vram_bytes = self._vram_of.get(job.model or "", 0)
+                tenant.vram_bytes += job.vram_bytes
             return worker
         if decision.kind == "reject":
+            retry = None
+            if decision.status == 429:
+                retry = decision.retry_after_ms or 1000
+                if decision.reason == "quota_exceeded" and tenant is not None:
+                    retry = tenant.retry_after_ms()
+            self._count_rejection(job, decision.reason or "rejected")
             raise JobError(
                 decision.status or 503, decision.reason or "rejected",
                 f"the scheduler refused the job ({decision.reason})",
-                retry_after_ms=(decision.retry_after_ms or 1000)
-                if decision.status == 429 else None,
-                policy_version=self.policies.version,
+                retry_after_ms=retry, policy_version=self.policies.version,
             )
         job.wait_reason = decision.reason
         job.wake_at = now_ms() + decision.retry_after_ms if decision.retry_after_ms else None
         return None
 
     def release(self, job: Job, worker: Worker) -> None:
+        tenant = self._tenant(job)
+        if tenant is not None:
+            tenant.concurrent = max(0, tenant.concurrent - 1)
+            tenant.vram_bytes = max(0, tenant.vram_bytes - job.vram_bytes)
         self.registry.release(worker)
         self.metrics.in_flight.labels(worker.id).dec()
+
+    def finish(self, job: Job, seconds: float) -> None:
+        """Accounts a finished job to its tenant: tokens and latency."""
+        tenant = self._tenant(job)
+        if tenant is None:
+            return
+        usage = job.usage
+        tokens = usage.get("total_tokens") or (
+            usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
+        self.tenants.record_tokens(tenant, tokens)
+        self.metrics.tenant_tokens.labels(tenant.id).inc(tokens)
+        self.metrics.tenant_seconds.labels(tenant.id).observe(seconds)
+        self.kick()  # freed quota may let queued jobs of this tenant run
 
     def _drop(self, job: Job) -> None:
         if job in self.queue:
@@ -220,9 +308,12 @@ class Queen:
     def _order(self, at: int) -> list[Job]:
         aging = self.config.queue.aging_ms
 
-        def key(job: Job) -> tuple[int, int]:
+        def key(job: Job) -> tuple[int, float, int]:
             waited = max(0, at - job.created_at)
-            return (max(0, priority_class(job.priority) - waited // aging), job.seq)
+            # In home mode every job counts as one tenant's, so the tags follow
+            # arrival order: first come, first served within a class.
+            return (max(0, priority_class(job.priority) - waited // aging), job.vfinish,
+                    job.seq)
 
         return sorted(self.queue, key=key)
 

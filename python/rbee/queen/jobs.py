@@ -98,6 +98,11 @@ class Job:
     waiter: asyncio.Future | None = None
     wake_at: int | None = None
     wait_reason: str | None = None
+    # Platform mode: weighted fair queuing tags, and what the job holds.
+    vstart: float = 0.0
+    vfinish: float = 0.0
+    rate_counted: bool = False
+    vram_bytes: int = 0
 
     @property
     def path(self) -> str:

@@ -44,6 +44,14 @@ class Metrics:
             ["worker", "stage"], registry=r)
         self.tokens = Counter(
             "rbee_tokens", "Tokens by worker and kind", ["worker", "kind"], registry=r)
+        self.tenant_seconds = Histogram(
+            "rbee_tenant_request_seconds", "Request duration per tenant", ["tenant"],
+            buckets=_UPSTREAM_BUCKETS, registry=r)
+        self.tenant_rejections = Counter(
+            "rbee_tenant_rejections", "Refused requests per tenant and code",
+            ["tenant", "code"], registry=r)
+        self.tenant_tokens = Counter(
+            "rbee_tenant_tokens", "Tokens used per tenant", ["tenant"], registry=r)
         self.requests = Counter(
             "rbee_requests", "Requests answered by endpoint and status",
             ["endpoint", "status"], registry=r)

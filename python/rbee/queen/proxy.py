@@ -96,6 +96,11 @@ class Proxy:
         metrics.upstream_seconds.labels(worker.id).observe(elapsed)
         if ttft is not None:
             metrics.upstream_ttft_seconds.labels(worker.id).observe(ttft)
+        if not usage and tokens:
+            # No usage from the worker: count what was streamed, and the
+            # prompt by its estimate, so quotas still see the job.
+            usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": tokens,
+                     "total_tokens": job.prompt_tokens + tokens, "estimated": 1}
         if usage:
             job.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
             tokens = usage.get("completion_tokens", tokens) or tokens

@@ -33,9 +33,13 @@ def admin_token(config: QueenConfig) -> str:
 async def start_queen(config: QueenConfig, *, demo: bool = False) -> tuple[web.AppRunner, Any]:
     """Starts the queen (and the simulated cluster with `demo`); answers the
     runner and the demo cluster, for `stop_queen`."""
-    if config.mode == "platform":
-        raise ConfigError("mode: platform is not available in this version of rbee")
     token = admin_token(config)
+    if config.mode == "platform" and not token:
+        raise ConfigError(f"platform mode manages tenants and keys through admin endpoints: "
+                          f"set {config.admin_token_env} (admin_token_env) and restart")
+    if config.mode == "platform" and config.scheduler:
+        log.warning("platform mode ignores scheduler: %s; the built-in platform scheduler "
+                    "runs", config.scheduler)
     cluster = None
     if demo:
         from rbee.queen.demo import start_demo_cluster

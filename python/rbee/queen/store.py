@@ -45,6 +45,27 @@ CREATE TABLE IF NOT EXISTS decisions (
     record      TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_job ON decisions (job_id);
+CREATE TABLE IF NOT EXISTS tenants (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    weight      REAL NOT NULL,
+    quota       TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    tenant_id   TEXT NOT NULL,
+    hash        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+);
+CREATE TABLE IF NOT EXISTS usage (
+    tenant_id   TEXT NOT NULL,
+    day         TEXT NOT NULL,
+    tokens      INTEGER NOT NULL DEFAULT 0,
+    requests    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, day)
+);
 """
 
 _STOP = object()
@@ -226,3 +247,70 @@ class Store:
                 (job_id, limit),
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    # -- tenants, keys and usage (platform mode) -------------------------------
+    # Tenants and keys are written at once (rare, and a key must work as soon
+    # as it is shown); usage goes through the writer thread like job records.
+
+    def _write_now(self, sql: str, params: tuple) -> int:
+        self.flush()
+        with self._lock:
+            return self._read.execute(sql, params).rowcount
+
+    def save_tenant(self, row: dict[str, Any]) -> None:
+        self._write_now(
+            "INSERT INTO tenants (id, name, weight, quota, created_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET name = excluded.name, weight = excluded.weight, "
+            "quota = excluded.quota",
+            (row["id"], row["name"], float(row["weight"]), _dumps(row["quota"]), time.time()),
+        )
+
+    def tenants(self) -> list[dict[str, Any]]:
+        rows = self._read.execute("SELECT id, name, weight, quota FROM tenants ORDER BY id")
+        return [{"id": i, "name": n, "weight": w, "quota": json.loads(q)} for i, n, w, q in rows]
+
+    def save_key(self, key_id: str, tenant_id: str, digest: str) -> None:
+        self._write_now(
+            "INSERT INTO api_keys (key_id, tenant_id, hash, created_at) VALUES (?, ?, ?, ?)",
+            (key_id, tenant_id, digest, time.time()),
+        )
+
+    def key(self, key_id: str) -> dict[str, Any] | None:
+        row = self._read.execute(
+            "SELECT tenant_id, hash, revoked_at FROM api_keys WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        return None if row is None else {"tenant_id": row[0], "hash": row[1],
+                                         "revoked_at": row[2]}
+
+    def keys(self, tenant_id: str) -> list[dict[str, Any]]:
+        rows = self._read.execute(
+            "SELECT key_id, created_at, revoked_at FROM api_keys WHERE tenant_id = ? "
+            "ORDER BY created_at", (tenant_id,))
+        return [{"key_id": k, "created_at": c, "revoked": r is not None} for k, c, r in rows]
+
+    def revoke_key(self, tenant_id: str, key_id: str) -> bool:
+        return self._write_now(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND tenant_id = ? "
+            "AND revoked_at IS NULL", (time.time(), key_id, tenant_id)) > 0
+
+    def add_usage(self, tenant_id: str, day: str, tokens: int, requests: int = 1) -> None:
+        self._submit(
+            "INSERT INTO usage (tenant_id, day, tokens, requests) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(tenant_id, day) DO UPDATE SET tokens = tokens + excluded.tokens, "
+            "requests = requests + excluded.requests",
+            (tenant_id, day, tokens, requests),
+        )
+
+    def tokens_used(self, tenant_id: str, day: str) -> int:
+        self.flush()
+        row = self._read.execute(
+            "SELECT tokens FROM usage WHERE tenant_id = ? AND day = ?", (tenant_id, day)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def usage_history(self, tenant_id: str, days: int) -> list[dict[str, Any]]:
+        self.flush()
+        rows = self._read.execute(
+            "SELECT day, tokens, requests FROM usage WHERE tenant_id = ? "
+            "ORDER BY day DESC LIMIT ?", (tenant_id, days))
+        return [{"day": d, "tokens": t, "requests": r} for d, t, r in rows]
