@@ -137,6 +137,17 @@ class PolicyManager:
 
     # -- start-up and the watched file --------------------------------------
 
+    def start_fixed(self, source: str, origin: str) -> None:
+        """Platform mode: one built-in policy, stored as a version when it is
+        not already the active one; nothing may replace it afterwards."""
+        active = self.store.active_policy_version()
+        policy, _ = self.validate(source, "rhai", f"<{origin}>")
+        if active is not None and active["source"] == source:
+            version = active["version"]
+        else:
+            version = self.store.add_policy_version(source, "rhai", origin)
+        self._activate(policy, version, source, "rhai")
+
     def start(self, path: str | None) -> None:
         """Chooses the first policy: the configured file (a refused file is an
         error at start), else the last active stored version, else the
