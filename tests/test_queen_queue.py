@@ -34,8 +34,14 @@ def _submit(http, priority: str) -> str:
     return response.json()["job_id"]
 
 
+async def _copy(items):
+    return list(items)
+
+
 def _dispatch_order(h: QueenHarness, job_ids: list[str]) -> list[str]:
-    dispatched = [d["job_id"] for d in h.queen.decisions if d["kind"] == "dispatch"]
+    # Copied on the queen's loop: the log changes while jobs are dispatched.
+    decisions = h.call(_copy(h.queen.decisions))
+    dispatched = [d["job_id"] for d in decisions if d["kind"] == "dispatch"]
     return [j for j in dispatched if j in job_ids]
 
 
