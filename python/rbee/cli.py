@@ -237,5 +237,10 @@ def rhai_eval(script: str, expr: bool, limit_pairs: tuple[str, ...]) -> None:
     _emit(value)
 
 
+from rbee.tenants_cli import tenants as _tenants  # noqa: E402  (a group of its own module)
+
+main.add_command(_tenants)
+
+
 if __name__ == "__main__":
     main()
