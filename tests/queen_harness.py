@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 import httpx
 import openai
@@ -112,3 +113,23 @@ class QueenHarness:
     def http(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Polls `check` until it holds or `timeout` seconds pass."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+async def new_event() -> asyncio.Event:
+    """An event made on the queen's loop (pass to `QueenHarness.call`)."""
+    return asyncio.Event()
+
+
+async def copy_of(items: Any) -> list[Any]:
+    """A copy taken on the queen's loop, for logs that change while it runs."""
+    return list(items)

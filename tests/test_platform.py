@@ -3,17 +3,15 @@ queue and the immutable scheduler."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import time
 
 import openai
 import pytest
 
-from queen_harness import QueenHarness
+from queen_harness import QueenHarness, copy_of, eventually, new_event
 from rbee.queen.tenants import ms_until_utc_midnight
 
 ADMIN = "admin-secret"
@@ -24,23 +22,6 @@ WORKERS = [
      "tokens_per_sec": 100, "latency_ms": 10},
 ]
 MODELS = [{"id": "m", "vram_required": 8_000_000_000}]
-
-
-def _eventually(check, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-async def _event():
-    return asyncio.Event()
-
-
-async def _copy(items):
-    return list(items)
 
 
 def platform(tmp_path, tenants, workers=WORKERS, **config) -> QueenHarness:
@@ -166,16 +147,16 @@ def test_concurrency_and_vram(tmp_path, quota):
     try:
         key = key_for(h, "acme")
         fake = h.fakes["gpu-a"]
-        fake.hold = h.call(_event())
+        fake.hold = h.call(new_event())
         with h.http() as http:
             held = http.post("/v1/jobs", headers={"Authorization": f"Bearer {key}"},
                              json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
             assert held.status_code == 202
-            assert _eventually(lambda: h.queen.tenants.by_id["acme"].concurrent == 1)
+            assert eventually(lambda: h.queen.tenants.by_id["acme"].concurrent == 1)
             code, retry = _quota_refusal(ask(h, key))
             assert code == "quota_exceeded" and retry == 1
         h.loop.call_soon_threadsafe(fake.hold.set)
-        assert _eventually(lambda: h.queen.tenants.by_id["acme"].concurrent == 0)
+        assert eventually(lambda: h.queen.tenants.by_id["acme"].concurrent == 0)
         assert ask(h, key).status_code == 200
     finally:
         h.close()
@@ -188,7 +169,7 @@ def test_fair_sharing_follows_the_weights(tmp_path):
     try:
         keys = {t: key_for(h, t) for t in ("heavy", "light")}
         fake = h.fakes["solo"]
-        fake.hold = h.call(_event())
+        fake.hold = h.call(new_event())
         ids: dict[str, str] = {}
         with h.http() as http:
             def submit(tenant: str) -> None:
@@ -198,19 +179,19 @@ def test_fair_sharing_follows_the_weights(tmp_path):
                 ids[r.json()["job_id"]] = tenant
 
             submit("light")  # takes the slot and holds it
-            assert _eventually(lambda: fake.active == 1)
+            assert eventually(lambda: fake.active == 1)
             for _ in range(60):
                 submit("light")
                 submit("heavy")
-            assert _eventually(lambda: len(h.queen.queue) == 120)
+            assert eventually(lambda: len(h.queen.queue) == 120)
         h.loop.call_soon_threadsafe(fake.hold.set)
 
         def dispatched() -> list[str]:
             # Copied on the queen's loop: the log changes while it runs.
-            decisions = h.call(_copy(h.queen.decisions))
+            decisions = h.call(copy_of(h.queen.decisions))
             return [ids[d["job_id"]] for d in decisions if d["kind"] == "dispatch"]
 
-        assert _eventually(lambda: len(dispatched()) >= 61, timeout=30)
+        assert eventually(lambda: len(dispatched()) >= 61, timeout=30)
         window = dispatched()[1:61]  # both tenants have work waiting throughout
         share = window.count("heavy") / len(window)
         assert abs(share - 0.75) <= 0.075, (share, window)
@@ -223,12 +204,12 @@ def test_a_full_queue_answers_429_with_the_error_shape(tmp_path):
     try:
         key = key_for(h, "acme")
         fake = h.fakes["gpu-a"]
-        fake.hold = h.call(_event())
+        fake.hold = h.call(new_event())
         with h.http() as http:
             for _ in range(3):
                 http.post("/v1/jobs", headers={"Authorization": f"Bearer {key}"},
                           json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
-            assert _eventually(lambda: len(h.queen.queue) == 2)
+            assert eventually(lambda: len(h.queen.queue) == 2)
         response = ask(h, key)
         code, retry = _quota_refusal(response)
         error = response.json()["error"]

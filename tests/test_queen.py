@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from rbee import templates
-from queen_harness import QueenHarness
+from queen_harness import QueenHarness, eventually, new_event
 
 EU = {"region": "EU", "country": "NL", "latitude": 52.37, "longitude": 4.90}
 US = {"region": "US", "country": "US", "latitude": 40.71, "longitude": -74.0}
@@ -166,21 +166,12 @@ def test_hot_reload_through_the_policy_file(tmp_path):
         assert chat(client)[0] == "cheap-eu"
         time.sleep(0.05)  # a new mtime even on coarse clocks
         policy.write_text(PICK_BY_ID.format(id="fast-us"))
-        assert _eventually(lambda: chat(client)[0] == "fast-us")
+        assert eventually(lambda: chat(client)[0] == "fast-us")
         policy.write_text("fn schedule_job(job, pools, workers) { let = ; }")
-        assert _eventually(lambda: h.queen.policies.last_file_error is not None)
+        assert eventually(lambda: h.queen.policies.last_file_error is not None)
         assert chat(client)[0] == "fast-us"
     finally:
         h.close()
-
-
-def _eventually(check, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_hostile_policy_falls_back_and_the_queen_stays_responsive(harness):
@@ -217,7 +208,7 @@ def test_a_queued_job_proceeds_when_a_worker_joins(harness):
 
     thread = threading.Thread(target=ask)
     thread.start()
-    assert _eventually(lambda: len(harness.queen.queue) == 1)
+    assert eventually(lambda: len(harness.queen.queue) == 1)
     late.models.append("late-model")
     with harness.http() as http:
         added = http.post("/v1/workers", json={"id": "late", "url": late.url,
@@ -255,13 +246,13 @@ def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error(harness):
                 received.append(chunk.choices[0].delta.content)
     assert len(received) == 2
     assert "mid-stream" in str(caught.value)
-    assert _eventually(lambda: harness.queen.registry.workers["cheap-eu"].active == 0)
+    assert eventually(lambda: harness.queen.registry.workers["cheap-eu"].active == 0)
 
 
 def test_client_disconnect_stops_upstream_and_frees_the_slot(harness):
     assert put_policy(harness, PICK_BY_ID.format(id="cheap-eu")).status_code == 200
     fake = harness.fakes["cheap-eu"]
-    fake.hold = harness.call(_make_event())
+    fake.hold = harness.call(new_event())
     body = json.dumps({"model": "llama-3.1-8b-instruct", "stream": True, "max_tokens": 5,
                        "messages": [{"role": "user", "content": "x"}]}).encode()
     # A raw socket, so the test controls exactly when the client goes away.
@@ -270,18 +261,12 @@ def test_client_disconnect_stops_upstream_and_frees_the_slot(harness):
                    b"Content-Type: application/json\r\nContent-Length: "
                    + str(len(body)).encode() + b"\r\n\r\n" + body)
     worker = harness.queen.registry.workers["cheap-eu"]
-    assert _eventually(lambda: worker.active == 1 and fake.active == 1)
+    assert eventually(lambda: worker.active == 1 and fake.active == 1)
     client.close()
-    assert _eventually(lambda: worker.active == 0)
-    assert _eventually(lambda: fake.cancelled == 1)
+    assert eventually(lambda: worker.active == 0)
+    assert eventually(lambda: fake.cancelled == 1)
     harness.loop.call_soon_threadsafe(fake.hold.set)
     assert chat(harness.openai())[0] == "cheap-eu"
-
-
-async def _make_event():
-    import asyncio
-
-    return asyncio.Event()
 
 
 def test_native_job_api_events_and_cancel(harness):
@@ -300,16 +285,16 @@ def test_native_job_api_events_and_cancel(harness):
         assert record["status"] == "done" and record["worker_id"]
 
         assert put_policy(harness, PICK_BY_ID.format(id="cheap-eu")).status_code == 200
-        harness.fakes["cheap-eu"].hold = harness.call(_make_event())
+        harness.fakes["cheap-eu"].hold = harness.call(new_event())
         held = http.post("/v1/jobs", json={
             "model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": "x"}]}
         ).json()
         worker = harness.queen.registry.workers["cheap-eu"]
-        assert _eventually(lambda: worker.active == 1)
+        assert eventually(lambda: worker.active == 1)
         assert http.delete(f"/v1/jobs/{held['job_id']}").status_code == 200
         events = _read_events(http, held["events_url"])
         assert events[-1][0] == "error" and events[-1][1]["code"] == "cancelled"
-        assert _eventually(lambda: worker.active == 0)
+        assert eventually(lambda: worker.active == 0)
         assert http.get("/v1/jobs/nope").status_code == 404
 
 
@@ -393,7 +378,7 @@ def test_latency_and_speed_are_learned_from_real_responses(harness):
     # The fake answers in ~5 ms at 2,000 tokens/s, far from the configured
     # 100 ms and 60 tokens/s, so one response moves both averages.
     # The queen learns after the last byte went out, so give it a moment.
-    assert _eventually(lambda: worker.latency_ms < 100 and worker.tokens_per_sec > 60)
+    assert eventually(lambda: worker.latency_ms < 100 and worker.tokens_per_sec > 60)
     with harness.http() as http:
         seen = {w["id"]: w for w in http.get("/v1/state").json()["workers"]}
     assert seen["cheap-eu"]["latency_ms"] == pytest.approx(worker.latency_ms)
@@ -413,14 +398,14 @@ def test_a_worker_that_stops_answering_is_down_until_it_answers(harness):
     fake = harness.fakes["cheap-eu"]
     worker = harness.queen.registry.workers["cheap-eu"]
     fake.down = True
-    assert _eventually(lambda: worker.status == "down")
+    assert eventually(lambda: worker.status == "down")
     with harness.http() as http:
         state = {w["id"]: w for w in http.get("/v1/state").json()["workers"]}
     assert state["cheap-eu"]["status"] == "down"
     for _ in range(3):
         assert chat(harness.openai())[0] == "fast-us"
     fake.down = False
-    assert _eventually(lambda: worker.status == "ready")
+    assert eventually(lambda: worker.status == "ready")
 
 
 def test_validate_and_preview_have_no_side_effects(harness):

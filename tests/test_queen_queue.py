@@ -3,28 +3,14 @@ classes are not starved, capacity, over real HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 
-from queen_harness import QueenHarness
+from queen_harness import QueenHarness, copy_of, eventually, new_event
 
 ONE_SLOT = [{"id": "solo", "models": ["m"], "slots": 1, "cost_per_token": 1e-7}]
 ONLY_FREE = "fn schedule_job(job, pools, workers) { workers.available().first() }"
-
-
-async def _event():
-    return asyncio.Event()
-
-
-def _eventually(check, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _submit(http, priority: str) -> str:
@@ -34,22 +20,18 @@ def _submit(http, priority: str) -> str:
     return response.json()["job_id"]
 
 
-async def _copy(items):
-    return list(items)
-
-
 def _dispatch_order(h: QueenHarness, job_ids: list[str]) -> list[str]:
     # Copied on the queen's loop: the log changes while jobs are dispatched.
-    decisions = h.call(_copy(h.queen.decisions))
+    decisions = h.call(copy_of(h.queen.decisions))
     dispatched = [d["job_id"] for d in decisions if d["kind"] == "dispatch"]
     return [j for j in dispatched if j in job_ids]
 
 
 def _fill_the_slot(h: QueenHarness, http) -> str:
     fake = h.fakes["solo"]
-    fake.hold = h.call(_event())
+    fake.hold = h.call(new_event())
     first = _submit(http, "normal")
-    assert _eventually(lambda: h.queen.registry.workers["solo"].active == 1)
+    assert eventually(lambda: h.queen.registry.workers["solo"].active == 1)
     return first
 
 
@@ -61,9 +43,9 @@ def test_priority_classes_first_then_fifo(tmp_path):
             _fill_the_slot(h, http)
             order = [_submit(http, p) for p in ("batch", "normal", "interactive", "low",
                                                 "normal", "high")]
-            assert _eventually(lambda: len(h.queen.queue) == 6)
+            assert eventually(lambda: len(h.queen.queue) == 6)
             h.loop.call_soon_threadsafe(h.fakes["solo"].hold.set)
-            assert _eventually(lambda: len(_dispatch_order(h, order)) == 6)
+            assert eventually(lambda: len(_dispatch_order(h, order)) == 6)
         expected = [order[2], order[5], order[1], order[4], order[0], order[3]]
         assert _dispatch_order(h, order) == expected
     finally:
@@ -79,9 +61,9 @@ def test_aging_keeps_low_classes_from_starving(tmp_path):
             old_low = _submit(http, "low")
             time.sleep(0.6)  # four classes of aging: "low" now ranks with "interactive"
             new_urgent = _submit(http, "interactive")
-            assert _eventually(lambda: len(h.queen.queue) == 2)
+            assert eventually(lambda: len(h.queen.queue) == 2)
             h.loop.call_soon_threadsafe(h.fakes["solo"].hold.set)
-            assert _eventually(lambda: len(_dispatch_order(h, [old_low, new_urgent])) == 2)
+            assert eventually(lambda: len(_dispatch_order(h, [old_low, new_urgent])) == 2)
         assert _dispatch_order(h, [old_low, new_urgent]) == [old_low, new_urgent]
     finally:
         h.close()
@@ -94,7 +76,7 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path):
             assert http.put("/v1/scheduler", json={"source": ONLY_FREE}).status_code == 200
             _fill_the_slot(h, http)
             _submit(http, "normal")
-            assert _eventually(lambda: len(h.queen.queue) == 1)
+            assert eventually(lambda: len(h.queen.queue) == 1)
             response = http.post("/v1/chat/completions", json={
                 "model": "m", "messages": [{"role": "user", "content": "x"}]})
             assert response.status_code == 429

@@ -20,7 +20,7 @@ from aiohttp import web
 from rbee.errors import PolicyError
 from rbee.queen.core import Queen
 from rbee.queen.frontdoor import BadRequest, decode_body, parse_job
-from rbee.queen.jobs import ENDPOINTS, Job, JobError, now_ms
+from rbee.queen.jobs import ENDPOINTS, JobError, now_ms
 from rbee.queen.metrics import CONTENT_TYPE_LATEST
 from rbee.queen.proxy import Proxy
 from rbee.scheduler import State
