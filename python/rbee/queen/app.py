@@ -63,6 +63,13 @@ async def read_json(request: web.Request) -> Any:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
 
 
+async def read_object(request: web.Request, what: str) -> dict[str, Any]:
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be {what}")
+    return body
+
+
 # -- middleware ----------------------------------------------------------------
 
 _ADMIN_PREFIXES = ("/v1/scheduler", "/v1/workers", "/v1/pools", "/v1/decisions", "/v1/state",
@@ -181,9 +188,7 @@ class JobEvents:
 
 async def submit_job(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
+    body = await read_object(request, "a JSON object")
     endpoint = body.pop("endpoint", "chat.completions")
     if endpoint not in ENDPOINTS:
         raise BadRequest(f"'endpoint' must be one of {', '.join(ENDPOINTS)}", "endpoint")
@@ -299,9 +304,7 @@ async def list_workers(request: web.Request) -> web.Response:
 
 
 async def add_worker(request: web.Request) -> web.Response:
-    spec = await read_json(request)
-    if not isinstance(spec, dict):
-        raise BadRequest("the body must be a worker object")
+    spec = await read_object(request, "a worker object")
     try:
         worker = request.app[QUEEN].registry.add_worker(spec, source="api")
     except ValueError as exc:
@@ -317,9 +320,7 @@ async def remove_worker(request: web.Request) -> web.Response:
 
 
 async def register_pool(request: web.Request) -> web.Response:
-    spec = await read_json(request)
-    if not isinstance(spec, dict):
-        raise BadRequest("the body must be a pool object")
+    spec = await read_object(request, "a pool object")
     try:
         pool = request.app[QUEEN].registry.register_pool(spec)
     except ValueError as exc:
@@ -449,9 +450,7 @@ def _tenant_or_404(request: web.Request) -> Any:
 
 
 async def add_tenant(request: web.Request) -> web.Response:
-    spec = await read_json(request)
-    if not isinstance(spec, dict):
-        raise BadRequest("the body must be a tenant object {id, name, weight, quota}")
+    spec = await read_object(request, "a tenant object {id, name, weight, quota}")
     try:
         tenant = request.app[QUEEN].tenants.upsert(spec)
     except ValueError as exc:
