@@ -346,6 +346,7 @@ impl CompiledPolicy {
             )
         };
         let now = now_ms.or(state.now).unwrap_or_else(now_ms_fn);
+        let job_dyn = Dynamic::from_map(job);
 
         let run = || {
             let ctx = Context {
@@ -367,7 +368,6 @@ impl CompiledPolicy {
             let session = Session::enter(ctx);
             let mut scope = Scope::new();
             let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-            let job_dyn = Dynamic::from_map(job.clone());
             let mut args = vec![job_dyn, state.pools_dyn.clone(), workers_dyn.clone()];
             args.truncate(self.arity);
             let result = self.engine.call_fn_with_options::<Dynamic>(

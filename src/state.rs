@@ -83,6 +83,8 @@ pub struct StateData {
     pub models_dyn: Dynamic,
     pub tenants_dyn: Dynamic,
     pub queue_dyn: Dynamic,
+    /// Workers changed since the worker arrays were last built.
+    pub workers_dirty: bool,
 }
 
 fn sort_by_id(items: &mut [Map]) {
@@ -269,12 +271,24 @@ impl StateData {
         Ok(())
     }
 
-    /// Rebuilds the arrays handed to scripts from the stored maps.
+    /// Rebuilds every array handed to scripts from the stored records.
     pub fn rebuild(&mut self) {
+        self.rebuild_workers();
+        self.rebuild_sections();
+    }
+
+    /// The worker arrays, which change with every slot taken or freed: they
+    /// are rebuilt once before the next decision, not after every update
+    /// (`State::snapshot`), so a burst of updates costs one pass.
+    pub fn rebuild_workers(&mut self) {
         let all: Array = self.workers.iter().map(|(_, w)| w.clone()).collect();
         self.eligible = all.iter().filter(|w| is_eligible(&field(w, "status"))).cloned().collect();
         self.all_workers_dyn = freeze_array(all);
         self.eligible_dyn = freeze_array(self.eligible.clone());
+        self.workers_dirty = false;
+    }
+
+    pub fn rebuild_sections(&mut self) {
         self.pools_dyn = freeze_array(self.pools.clone());
         self.gpus_dyn = freeze_array(self.gpus.clone());
         self.models_dyn = freeze_array(self.models.clone());
@@ -316,7 +330,7 @@ impl StateData {
             Ok(i) => self.workers[i].1 = value,
             Err(i) => self.workers.insert(i, (id, value)),
         }
-        self.rebuild();
+        self.workers_dirty = true;
         Ok(())
     }
 
@@ -324,7 +338,7 @@ impl StateData {
         match self.workers.binary_search_by(|(wid, _)| wid.as_str().cmp(id)) {
             Ok(i) => {
                 let _removed = self.workers.remove(i);
-                self.rebuild();
+                self.workers_dirty = true;
                 true
             }
             Err(_) => false,
@@ -344,7 +358,11 @@ pub struct State {
 
 impl State {
     pub fn snapshot(&self) -> Arc<StateData> {
-        self.data.lock().unwrap().clone()
+        let mut guard = self.data.lock().unwrap();
+        if guard.workers_dirty {
+            Arc::make_mut(&mut guard).rebuild_workers();
+        }
+        guard.clone()
     }
 
     fn update<T>(&self, f: impl FnOnce(&mut StateData) -> T) -> T {
@@ -420,7 +438,7 @@ impl State {
                 }
                 _ => s.queue = parsed.queue,
             }
-            s.rebuild();
+            s.rebuild_sections();
             Ok(())
         })
         .map_err(|e| conversion_error(py, &e))
