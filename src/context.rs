@@ -60,6 +60,9 @@ pub struct Context {
     pub deadline: Instant,
     pub operations: u64,
     pub tripped: Option<Tripped>,
+    /// Where the script was last seen (line, column), for limit errors:
+    /// Rhai reports those at the outermost call, which is no position.
+    pub at: rhai::Position,
 }
 
 thread_local! {
@@ -123,6 +126,14 @@ pub fn progress() -> Option<Dynamic> {
         tripped.map(|t| Dynamic::from(t.token()))
     })
     .flatten()
+}
+
+/// Notes where the script is (the debugger hook calls this per expression).
+#[inline]
+pub fn note_position(pos: rhai::Position) {
+    if !pos.is_none() {
+        with(|c| c.at = pos);
+    }
 }
 
 /// Charges `n` operations for work a native helper did in place of script

@@ -7,7 +7,9 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use rhai::packages::{Package, StandardPackage};
-use rhai::{Array, CallFnOptions, Dynamic, Engine, ImmutableString, Map, Scope, AST, INT};
+use rhai::{
+    Array, CallFnOptions, Dynamic, Engine, ImmutableString, Map, Position, Scope, AST, INT,
+};
 
 use crate::context::{self, stable_hash, Context, Rotation, Session};
 use crate::convert::{dict_to_map, map_to_py, to_py};
@@ -44,6 +46,15 @@ fn resolve_var(name: &str, index: usize, in_scope: impl FnOnce() -> bool) -> Opt
 
 /// A Rhai engine with the sandbox of DESIGN 2.4 and every helper registered.
 pub fn build_engine(limits: &Limits) -> Engine {
+    build_engine_with(limits, false)
+}
+
+/// `locating`: also step through expressions with the debugger hook, noting
+/// the last position. It costs a callback per expression, so only the engine
+/// that re-runs a failed decision to find where a limit hit has it: Rhai moves
+/// the position of a limit error to the outermost call, which for the entry
+/// point is none at all.
+pub fn build_engine_with(limits: &Limits, locating: bool) -> Engine {
     // `new_raw` has no module resolver, so nothing can be read from disk.
     let mut engine = Engine::new_raw();
     engine.register_global_module(StandardPackage::new().as_shared_module());
@@ -60,6 +71,20 @@ pub fn build_engine(limits: &Limits) -> Engine {
         _ => context::log(text),
     });
     engine.on_progress(|_| context::progress());
+    #[allow(deprecated)] // "volatile", not deprecated: the version is pinned
+    if locating {
+        engine.register_debugger(
+        |_, debugger| debugger,
+        |_, event, _, _, pos| {
+            // Only steps: the exit events that follow an error would move the
+            // position to the end of the function.
+            if matches!(event, rhai::debugger::DebuggerEvent::Step) {
+                context::note_position(pos);
+            }
+            Ok(rhai::debugger::DebuggerCommand::StepInto)
+        },
+        );
+    }
     #[allow(deprecated)]
     engine.on_var(|name, index, ctx| Ok(resolve_var(name, index, || ctx.scope().contains(name))));
     verdict::register(&mut engine);
@@ -92,6 +117,8 @@ pub fn limits_from(py_limits: Option<&Bound<'_, PyDict>>) -> PyResult<Limits> {
 #[pyclass(module = "rbee._engine", frozen)]
 pub struct CompiledPolicy {
     engine: Engine,
+    /// The same sandbox with the position-noting hook, for failed decisions.
+    locator: Engine,
     ast: AST,
     natives: Arc<NativeTable>,
     rotation: Rotation,
@@ -224,6 +251,7 @@ fn now_ms() -> INT {
 impl CompiledPolicy {
     pub fn compile(py: Python<'_>, source: &str, name: Option<&str>, limits: Limits) -> PyResult<Self> {
         let engine = build_engine(&limits);
+        let locator = build_engine_with(&limits, true);
         let file = || name.map(|n| n.into_pyobject(py).unwrap().into_any().unbind()).unwrap_or(py.None());
         let ast = engine.compile(source).map_err(|e| {
             build(py, "PolicyCompileError", &parse_message(&e, source), e.position(), &[("file", file())])
@@ -260,6 +288,7 @@ impl CompiledPolicy {
             .find(|f| f.name == "schedule_job" && f.params.len() == arity)
             .map_or(rhai::Position::NONE, |f| f.body.start_position());
         Ok(CompiledPolicy {
+            locator,
             entry,
             engine,
             ast,
@@ -321,11 +350,10 @@ impl CompiledPolicy {
         } else {
             return Err(PyTypeError::new_err("state must be a rbee State or a dict"));
         };
-        let job = job
+        let job_dict = job
             .cast::<PyDict>()
             .map_err(|_| PyTypeError::new_err("job must be a dict"))?;
-        let mut path = String::from("job");
-        let job = dict_to_map(job, &mut path, 0).map_err(|e| conversion_error(py, &e))?;
+        let job = job_map(job_dict).map_err(|e| conversion_error(py, &e))?;
         let job_id = job_id_of(&job);
         let failed: Vec<ImmutableString> = job
             .get("failed_workers")
@@ -348,39 +376,11 @@ impl CompiledPolicy {
         let now = now_ms.or(state.now).unwrap_or_else(now_ms_fn);
         let job_dyn = Dynamic::from_map(job);
 
+        let call = Call { job_id, state, workers: workers_dyn, now, max_tokens, started };
         let run = || {
-            let ctx = Context {
-                rng: stable_hash(job_id.as_bytes()),
-                job_id: job_id.clone(),
-                state: state.clone(),
-                workers: workers_dyn.clone(),
-                now_ms: now,
-                max_tokens: Some(max_tokens),
-                logs: Vec::new(),
-                dropped_logs: 0,
-                rotation: self.rotation.clone(),
-                natives: self.natives.clone(),
-                limits: self.limits.clone(),
-                deadline: started + self.limits.timeout,
-                operations: 0,
-                tripped: None,
-            };
-            let session = Session::enter(ctx);
-            let mut scope = Scope::new();
-            let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-            let mut args = vec![job_dyn, state.pools_dyn.clone(), workers_dyn.clone()];
-            args.truncate(self.arity);
-            let result = self.engine.call_fn_with_options::<Dynamic>(
-                options, &mut scope, &self.ast, "schedule_job", args,
-            );
-            let peak = crate::alloc::Meter::peak();
-            let ctx = session.finish();
-            // A limit a helper tripped after the last operation still counts.
-            let result = match ctx.tripped {
-                Some(t) if result.is_ok() => Err(helpers::terminated(t)),
-                _ => result,
-            };
-            let decided = result.map(|v| interpret(v, &state, &failed));
+            let (result, ctx, peak) = self.run(&self.engine, &call, job_dyn, &self.rotation,
+                                               &self.limits);
+            let decided = result.map(|v| interpret(v, &call.state, &failed));
             (decided, ctx, peak)
         };
         let (decided, ctx, peak) = py.detach(run);
@@ -400,7 +400,8 @@ impl CompiledPolicy {
         let decided = match decided {
             Err(err) => {
                 let (class, message, pos) = classify(&err, &self.limits);
-                let pos = if pos.is_none() { self.entry } else { pos };
+                let seen = if is_limit(class) { self.locate(py, job_dict, &call) } else { ctx.at };
+                let pos = place(class, pos, seen, self.entry);
                 return Err(build(py, class, &message, pos, &extra(py)?));
             }
             Ok(Err(message)) => {
@@ -432,6 +433,103 @@ impl CompiledPolicy {
         out.set_item("memory_peak_bytes", peak.max(0) as u64)?;
         Ok(out)
     }
+}
+
+/// What one decision runs with.
+#[derive(Clone)]
+struct Call {
+    job_id: ImmutableString,
+    state: Arc<StateData>,
+    workers: Dynamic,
+    now: INT,
+    max_tokens: rhai::FLOAT,
+    started: Instant,
+}
+
+fn job_map(job: &Bound<'_, PyDict>) -> Result<Map, crate::convert::ConvertError> {
+    let mut path = String::from("job");
+    dict_to_map(job, &mut path, 0)
+}
+
+fn is_limit(class: &str) -> bool {
+    matches!(
+        class,
+        "PolicyTimeout" | "TooManyOperations" | "MemoryLimitExceeded" | "DataTooLarge"
+            | "StackOverflow"
+    )
+}
+
+impl CompiledPolicy {
+    /// Calls `schedule_job` once on `engine`, in a fresh sandbox session.
+    fn run(
+        &self,
+        engine: &Engine,
+        call: &Call,
+        job: Dynamic,
+        rotation: &Rotation,
+        limits: &Limits,
+    ) -> (Result<Dynamic, Box<rhai::EvalAltResult>>, Context, isize) {
+        let ctx = Context {
+            rng: stable_hash(call.job_id.as_bytes()),
+            job_id: call.job_id.clone(),
+            state: call.state.clone(),
+            workers: call.workers.clone(),
+            now_ms: call.now,
+            max_tokens: Some(call.max_tokens),
+            logs: Vec::new(),
+            dropped_logs: 0,
+            rotation: rotation.clone(),
+            natives: self.natives.clone(),
+            limits: limits.clone(),
+            deadline: call.started + limits.timeout,
+            operations: 0,
+            tripped: None,
+            at: Position::NONE,
+        };
+        let session = Session::enter(ctx);
+        let mut scope = Scope::new();
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+        let mut args = vec![job, call.state.pools_dyn.clone(), call.workers.clone()];
+        args.truncate(self.arity);
+        let result =
+            engine.call_fn_with_options::<Dynamic>(options, &mut scope, &self.ast, "schedule_job", args);
+        let peak = crate::alloc::Meter::peak();
+        let ctx = session.finish();
+        // A limit a helper tripped after the last operation still counts.
+        let result = match ctx.tripped {
+            Some(t) if result.is_ok() => Err(helpers::terminated(t)),
+            _ => result,
+        };
+        (result, ctx, peak)
+    }
+
+    /// Runs a decision that hit a limit again on the locating engine, with
+    /// its own copy of the round-robin counters (nothing of it is kept), and
+    /// answers where the script was when the limit hit. A time limit is
+    /// re-run for at most 10 ms: a runaway script is by then where it spins.
+    fn locate(&self, py: Python<'_>, job: &Bound<'_, PyDict>, call: &Call) -> Position {
+        let Ok(job) = job_map(job) else { return Position::NONE };
+        let rotation: Rotation =
+            Arc::new(std::sync::Mutex::new(self.rotation.lock().unwrap().clone()));
+        let mut limits = self.limits.clone();
+        limits.timeout = limits.timeout.min(std::time::Duration::from_millis(10));
+        let rerun = Call { started: Instant::now(), ..call.clone() };
+        py.detach(|| {
+            let (_, ctx, _) =
+                self.run(&self.locator, &rerun, Dynamic::from_map(job), &rotation, &limits);
+            ctx.at
+        })
+    }
+}
+
+/// Where to report an error. Rhai gives limit errors the position of the
+/// outermost call, so for those the last expression the script was seen at
+/// is more useful; other errors keep Rhai's position when they have one.
+fn place(class: &str, rhai_pos: Position, seen: Position, entry: Position) -> Position {
+    [if is_limit(class) { seen } else { rhai_pos }, rhai_pos, seen, entry]
+        .into_iter()
+        .find(|p| !p.is_none())
+        .unwrap_or(Position::NONE)
 }
 
 fn now_ms_fn() -> INT {
@@ -490,6 +588,7 @@ pub fn evaluate<'py>(
             deadline: started + limits.timeout,
             operations: 0,
             tripped: None,
+            at: rhai::Position::NONE,
         };
         let session = Session::enter(ctx);
         let result = engine.eval_ast::<Dynamic>(&ast);
@@ -506,6 +605,7 @@ pub fn evaluate<'py>(
         Ok(v) => to_py(py, &v),
         Err(err) => {
             let (class, message, pos) = classify(&err, &limits);
+            let pos = place(class, pos, ctx.at, rhai::Position::NONE);
             let logs = PyList::new(py, &ctx.logs)?.into_any().unbind();
             Err(build(py, class, &message, pos, &[("logs", logs)]))
         }
