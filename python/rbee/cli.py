@@ -176,6 +176,122 @@ def policy_decide(
         sys.exit(1)
 
 
+@policy.command("compile")
+@click.argument("file")
+@click.option("--trace-rules", is_flag=True,
+              help="Make each rule log rbee:rule:<index> when it decides.")
+def policy_compile(file: str, trace_rules: bool) -> None:
+    """Print the Rhai a YAML policy FILE compiles to (- reads stdin)."""
+    if file != "-" and not file.endswith((".yaml", ".yml")):
+        raise Failure(f"{file}: not a YAML policy (.yaml or .yml); Rhai policies need no "
+                      "compiling (rbee policy check FILE checks them)")
+    from rbee.policy_yaml import compile_yaml
+
+    try:
+        rhai = compile_yaml(_read_text(file), file if file != "-" else "<stdin>",
+                            trace=trace_rules)
+    except PolicyError as exc:
+        raise Failure(str(exc)) from None
+    click.echo(rhai, nl=False)
+
+
+@policy.command("test")
+@click.argument("path")
+@click.option("--policy", "policy_path", metavar="FILE",
+              help="Test this policy instead of the one each test file names.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (for CI).")
+def policy_test(path: str, policy_path: str | None, as_json: bool) -> None:
+    """Run policy test files: PATH is a *.test.yaml file or a folder of them.
+
+    Exit status 1 when a case fails or a test file cannot run.
+    """
+    import time
+
+    from rbee.policy_test import TestFileError, find_test_files, report, run_file
+
+    if policy_path is not None and not Path(policy_path).is_file():
+        raise Failure(f"--policy {policy_path}: no such file")
+    started = time.perf_counter()
+    try:
+        files = find_test_files(path)
+    except TestFileError as exc:
+        raise Failure(str(exc)) from None
+    results = [run_file(f, policy_path) for f in files]
+    seconds = time.perf_counter() - started
+    failed = sum(r.failed for r in results)
+    if as_json:
+        _emit({"passed": sum(r.passed for r in results), "failed": failed,
+               "seconds": round(seconds, 4), "files": [r.to_dict() for r in results]})
+        # Standard output is the JSON document; say what could not run on stderr.
+        for result in results:
+            if result.error:
+                click.echo(result.error, err=True)
+    else:
+        click.echo(report(results, seconds))
+    if failed:
+        sys.exit(1)
+
+
+@main.group("templates")
+def templates_group() -> None:
+    """The template library: policies that ship with rbee."""
+
+
+@templates_group.command("list")
+def templates_list() -> None:
+    """List the templates with their descriptions."""
+    from rbee import templates
+
+    names = templates.names()
+    width = max(len(n) for n in names)
+    for name in names:
+        kind = templates.policy_format(name)
+        click.echo(f"{name:<{width}}  {kind:<4}  {templates.description(name)}")
+
+
+@templates_group.command("show")
+@click.argument("name")
+def templates_show(name: str) -> None:
+    """Print the template NAME."""
+    click.echo(_template_source(name), nl=False)
+
+
+@templates_group.command("new")
+@click.argument("name")
+@click.argument("file")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+def templates_new(name: str, file: str, force: bool) -> None:
+    """Write a copy of the template NAME to FILE (a folder gets the template's
+    file name) to start a policy from."""
+    from rbee import templates
+
+    text = _template_source(name)
+    target = Path(file)
+    if target.is_dir():
+        target = target / templates.filename(name)
+    yaml_template = templates.policy_format(name) == "yaml"
+    if target.suffix.lower() not in ((".yaml", ".yml") if yaml_template else (".rhai",)):
+        want = ".yaml or .yml" if yaml_template else ".rhai"
+        raise Failure(f"{file}: {name} is a {'YAML' if yaml_template else 'Rhai'} template; "
+                      f"give the file a {want} name so rbee reads it as such")
+    if target.exists() and not force:
+        raise Failure(f"{target}: already exists; use --force to overwrite it")
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise Failure(f"{target}: cannot write ({exc.strerror or exc})") from None
+    click.echo(f"{target}: written from template {name}")
+
+
+def _template_source(name: str) -> str:
+    from rbee import templates
+
+    try:
+        return templates.source(name)
+    except KeyError as exc:
+        raise Failure(exc.args[0]) from None
+
+
 @main.command("queen")
 @click.option("--config", "config_path", metavar="FILE", help="The queen's YAML configuration.")
 @click.option("--mode", type=click.Choice(["home", "platform"]), help="Overrides mode:.")

@@ -97,12 +97,17 @@ class Policy:
     decisions raise the :class:`PolicyError` subclass for what went wrong.
     """
 
-    __slots__ = ("_compiled", "source", "name")
+    __slots__ = ("_compiled", "source", "name", "format", "rhai", "_translation")
 
-    def __init__(self, compiled: Any, source: str, name: str) -> None:
+    def __init__(self, compiled: Any, source: str, name: str, *, format: str = "rhai",
+                 translation: Any = None) -> None:
         self._compiled = compiled
-        self.source = source
+        self.source = source  # what was given: Rhai, or the YAML rules
         self.name = name
+        self.format = format
+        self._translation = translation
+        # The Rhai that runs: the source itself, or what the YAML compiled to.
+        self.rhai: str = translation.rhai if translation is not None else source
 
     @classmethod
     def from_source(
@@ -111,14 +116,30 @@ class Policy:
         *,
         name: str = "<policy>",
         limits: Mapping[str, int] | None = None,
+        format: str = "rhai",
+        trace_rules: bool = False,
     ) -> "Policy":
+        """Compiles a policy. ``format="yaml"`` takes declarative rules
+        (DESIGN 3); with ``trace_rules`` each rule that decides logs
+        ``rbee:rule:<index>`` into the decision trace."""
+        if format == "yaml":
+            from rbee.policy_yaml import translate
+
+            translation = translate(source, name, trace=trace_rules)
+            return cls(translation.compile(limits), source, name, format="yaml",
+                       translation=translation)
+        if format != "rhai":
+            raise PolicyCompileError(f"unknown policy format {format!r} (rhai or yaml)",
+                                     file=name)
         compiled = _engine.CompiledPolicy(source, name, dict(limits) if limits else None)
         return cls(compiled, source, name)
 
     @classmethod
     def from_file(
-        cls, path: str | Path, *, limits: Mapping[str, int] | None = None
+        cls, path: str | Path, *, limits: Mapping[str, int] | None = None,
+        trace_rules: bool = False,
     ) -> "Policy":
+        """Compiles a ``.rhai`` file, or a ``.yaml``/``.yml`` file of rules."""
         path = Path(path)
         try:
             source = path.read_text(encoding="utf-8")
@@ -126,12 +147,15 @@ class Policy:
             raise PolicyCompileError("no such file", file=str(path)) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise PolicyCompileError(f"cannot read the file ({exc})", file=str(path)) from None
-        if path.suffix.lower() in _YAML_SUFFIXES:
-            raise PolicyCompileError(
-                "YAML policies are not supported by this version; write the policy in Rhai",
-                file=str(path),
-            )
-        return cls.from_source(source, name=str(path), limits=limits)
+        fmt = "yaml" if path.suffix.lower() in _YAML_SUFFIXES else "rhai"
+        return cls.from_source(source, name=str(path), limits=limits, format=fmt,
+                               trace_rules=trace_rules)
+
+    @property
+    def rules(self) -> list[str] | None:
+        """A YAML policy's rules as ``rules[i] "name"``, by index (what
+        ``trace_rules`` logs refer to); None for a Rhai policy."""
+        return None if self._translation is None else list(self._translation.rules)
 
     @property
     def limits(self) -> dict[str, int]:
@@ -145,9 +169,12 @@ class Policy:
         try:
             raw = self._compiled.decide(job, state, now_ms)
         except PolicyError as exc:
-            # Errors name the policy's file, as compile errors do.
+            # Errors name the policy's file, as compile errors do, and for YAML
+            # the rule and the position in the YAML rather than generated code.
             if exc.file is None:
                 exc.file = self.name
+            if self._translation is not None:
+                self._translation.remap(exc)
             raise
         return Decision(raw, self.name)
 

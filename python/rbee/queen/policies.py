@@ -65,11 +65,8 @@ class PolicyManager:
 
     def compile(self, source: str, fmt: str | None = None, name: str = "<policy>") -> Policy:
         fmt = detect_format(source, fmt, name)
-        if fmt == "yaml":
-            raise PolicyCompileError(
-                "YAML policies are not supported by this version; send Rhai", file=name
-            )
-        return Policy.from_source(source, name=name, limits=self.limits)
+        # YAML rules compile to Rhai here; the store keeps the YAML and its format.
+        return Policy.from_source(source, name=name, limits=self.limits, format=fmt)
 
     def validate(
         self, source: str, fmt: str | None = None, name: str = "<policy>"
