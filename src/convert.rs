@@ -40,18 +40,18 @@ fn to_dynamic_at(
         return Ok(Dynamic::UNIT);
     }
     if let Ok(s) = obj.cast::<PyString>() {
-        let text = s
-            .to_str()
-            .map_err(|e| fail(path, format!("string is not valid UTF-8 ({e})")))?;
+        let text =
+            s.to_str().map_err(|e| fail(path, format!("string is not valid UTF-8 ({e})")))?;
         return Ok(Dynamic::from(ImmutableString::from(text)));
     }
     if let Ok(b) = obj.cast::<PyBool>() {
         return Ok(Dynamic::from_bool(b.is_true()));
     }
     if obj.is_instance_of::<PyInt>() {
-        return obj.extract::<i64>().map(Dynamic::from_int).map_err(|_| {
-            fail(path, format!("integer {obj} does not fit in 64 bits"))
-        });
+        return obj
+            .extract::<i64>()
+            .map(Dynamic::from_int)
+            .map_err(|_| fail(path, format!("integer {obj} does not fit in 64 bits")));
     }
     if let Ok(f) = obj.cast::<PyFloat>() {
         return Ok(Dynamic::from_float(f.value()));
@@ -68,14 +68,13 @@ fn to_dynamic_at(
     if let Ok(t) = obj.cast::<PyTuple>() {
         return seq_to_array(t.iter(), path, depth).map(Dynamic::from_array);
     }
-    let type_name = obj
-        .get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into());
+    let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
     Err(fail(
         path,
-        format!("cannot convert a value of type '{type_name}' (expected None, bool, int, float, str, list or dict)"),
+        format!(
+            "cannot convert a value of type '{type_name}' \
+             (expected None, bool, int, float, str, list or dict)"
+        ),
     ))
 }
 
@@ -86,12 +85,10 @@ pub fn dict_to_map(
 ) -> Result<Map, ConvertError> {
     let mut map = Map::new();
     for (k, v) in d.iter() {
-        let key = k.cast::<PyString>().map_err(|_| {
-            fail(path, format!("dictionary key {k} is not a string"))
-        })?;
-        let key = key
-            .to_str()
-            .map_err(|e| fail(path, format!("key is not valid UTF-8 ({e})")))?;
+        let key = k
+            .cast::<PyString>()
+            .map_err(|_| fail(path, format!("dictionary key {k} is not a string")))?;
+        let key = key.to_str().map_err(|e| fail(path, format!("key is not valid UTF-8 ({e})")))?;
         let mark = path.len();
         path.push('.');
         path.push_str(key);

@@ -59,9 +59,12 @@ pub fn parse_message(err: &ParseError, source: &str) -> String {
         Some(rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect())
     };
     match word_at(err.position()).as_deref() {
-        Some("eval") => "'eval' is not allowed in policies: the sandbox refuses code built at run time".into(),
+        Some("eval") => {
+            "'eval' is not allowed in policies: the sandbox refuses code built at run time".into()
+        }
         Some("import") => {
-            "'import' is not allowed in policies: the sandbox has no access to files or modules".into()
+            "'import' is not allowed in policies: the sandbox has no access to files or modules"
+                .into()
         }
         _ => message,
     }
@@ -115,11 +118,8 @@ pub fn classify(err: &EvalAltResult, limits: &Limits) -> (&'static str, String, 
             ("PolicyRuntimeError", message)
         }
     };
-    let message = if chain.is_empty() {
-        message
-    } else {
-        format!("{message} (in {})", chain.join(" -> "))
-    };
+    let message =
+        if chain.is_empty() { message } else { format!("{message} (in {})", chain.join(" -> ")) };
     (class, message, pos)
 }
 

@@ -66,12 +66,7 @@ impl Limits {
             "max_fn_expr_depth" => self.max_fn_expr_depth = v,
             "max_log_lines" => self.max_log_lines = v,
             "max_log_line_bytes" => self.max_log_line_bytes = v,
-            _ => {
-                return Err(format!(
-                    "unknown limit '{key}' (known: {})",
-                    LIMIT_KEYS.join(", ")
-                ))
-            }
+            _ => return Err(format!("unknown limit '{key}' (known: {})", LIMIT_KEYS.join(", "))),
         }
         Ok(())
     }

@@ -212,9 +212,7 @@ fn compile_call(call: &rhai::FnCallExpr, params: &[&str]) -> Option<Node> {
         ("/", 2) => Node::Arith(ArithOp::Div, next()?, next()?),
         ("-", 1) => Node::Neg(next()?),
         ("!", 1) => Node::Not(next()?),
-        ("distance", 4) => {
-            Node::Distance(Box::new([*next()?, *next()?, *next()?, *next()?]))
-        }
+        ("distance", 4) => Node::Distance(Box::new([*next()?, *next()?, *next()?, *next()?])),
         _ => return None,
     })
 }

@@ -27,7 +27,8 @@ use crate::verdict::{self, Action, Dispatch, Reject, Wait};
 /// (`index > 0`), except for the captured variables of a closure, which are
 /// only found by searching the function's scope (`in_scope`).
 fn resolve_var(name: &str, index: usize, in_scope: impl FnOnce() -> bool) -> Option<Dynamic> {
-    const GLOBALS: &[&str] = &["workers", "all_workers", "pools", "gpus", "models", "tenants", "queue"];
+    const GLOBALS: &[&str] =
+        &["workers", "all_workers", "pools", "gpus", "models", "tenants", "queue"];
     if index > 0 || !GLOBALS.contains(&name) || in_scope() {
         return None;
     }
@@ -74,15 +75,15 @@ pub fn build_engine_with(limits: &Limits, locating: bool) -> Engine {
     #[allow(deprecated)] // "volatile", not deprecated: the version is pinned
     if locating {
         engine.register_debugger(
-        |_, debugger| debugger,
-        |_, event, _, _, pos| {
-            // Only steps: the exit events that follow an error would move the
-            // position to the end of the function.
-            if matches!(event, rhai::debugger::DebuggerEvent::Step) {
-                context::note_position(pos);
-            }
-            Ok(rhai::debugger::DebuggerCommand::StepInto)
-        },
+            |_, debugger| debugger,
+            |_, event, _, _, pos| {
+                // Only steps: the exit events that follow an error would move the
+                // position to the end of the function.
+                if matches!(event, rhai::debugger::DebuggerEvent::Step) {
+                    context::note_position(pos);
+                }
+                Ok(rhai::debugger::DebuggerCommand::StepInto)
+            },
         );
     }
     #[allow(deprecated)]
@@ -160,19 +161,26 @@ fn describe(v: &Dynamic) -> String {
         };
     }
     let name = v.type_name();
-    let name = if name.contains("::Range") { "range" } else { name.rsplit("::").next().unwrap_or(name) };
+    let name =
+        if name.contains("::Range") { "range" } else { name.rsplit("::").next().unwrap_or(name) };
     let shown = helpers::display(v, 120).unwrap_or_else(|_| "…".into());
     format!("{name} ({shown})")
 }
 
 /// Interprets what `schedule_job` returned (DESIGN 2.1).
-fn interpret(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> Result<Decided, String> {
+fn interpret(
+    value: Dynamic,
+    state: &StateData,
+    failed: &[ImmutableString],
+) -> Result<Decided, String> {
     let mut actions = Vec::new();
     let value = if value.is_shared() { value.flatten_clone() } else { value };
     if value.is_array() {
         let items = value.clone().cast::<Array>();
         if items.is_empty() {
-            return Err("schedule_job returned an empty array; expected actions, optionally ending with a worker".into());
+            return Err("schedule_job returned an empty array; \
+                expected actions, optionally ending with a worker"
+                .into());
         }
         let mut flat = Vec::new();
         for item in items {
@@ -193,7 +201,8 @@ fn interpret(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> R
                 return Ok(Decided { outcome, actions });
             } else {
                 return Err(format!(
-                    "schedule_job returned an array whose element {i} is {}; only the last element may be something other than an action",
+                    "schedule_job returned an array whose element {i} is {}; \
+                     only the last element may be something other than an action",
                     describe(&item)
                 ));
             }
@@ -209,7 +218,11 @@ fn interpret(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> R
     Ok(Decided { outcome: single(value, state, failed)?, actions })
 }
 
-fn single(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> Result<Outcome, String> {
+fn single(
+    value: Dynamic,
+    state: &StateData,
+    failed: &[ImmutableString],
+) -> Result<Outcome, String> {
     if value.is_unit() {
         return Ok(Outcome::Wait("no_worker".into(), None));
     }
@@ -224,11 +237,13 @@ fn single(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> Resu
     } else if let Some(s) = text(&value) {
         s
     } else if is_record_or_map(&value) {
-        text(&field(&value, "id"))
-            .ok_or_else(|| format!("schedule_job returned a map that is not a worker: {}", describe(&value)))?
+        text(&field(&value, "id")).ok_or_else(|| {
+            format!("schedule_job returned a map that is not a worker: {}", describe(&value))
+        })?
     } else {
         return Err(format!(
-            "schedule_job returned {}; expected a worker, a worker id, (), reject(..), wait(..) or actions",
+            "schedule_job returned {}; \
+             expected a worker, a worker id, (), reject(..), wait(..) or actions",
             describe(&value)
         ));
     };
@@ -237,7 +252,8 @@ fn single(value: Dynamic, state: &StateData, failed: &[ImmutableString]) -> Resu
             Ok(Outcome::Dispatch(id))
         }
         Some(w) => Err(format!(
-            "schedule_job returned worker '{id}', which cannot take this job (status {}, or it already failed this job)",
+            "schedule_job returned worker '{id}', which cannot take this job \
+             (status {}, or it already failed this job)",
             field(w, "status")
         )),
         None => Err(format!("schedule_job returned '{id}', which is not the id of any worker")),
@@ -249,25 +265,37 @@ fn now_ms() -> INT {
 }
 
 impl CompiledPolicy {
-    pub fn compile(py: Python<'_>, source: &str, name: Option<&str>, limits: Limits) -> PyResult<Self> {
+    pub fn compile(
+        py: Python<'_>,
+        source: &str,
+        name: Option<&str>,
+        limits: Limits,
+    ) -> PyResult<Self> {
         let engine = build_engine(&limits);
         let locator = build_engine_with(&limits, true);
-        let file = || name.map(|n| n.into_pyobject(py).unwrap().into_any().unbind()).unwrap_or(py.None());
+        let file =
+            || name.map(|n| n.into_pyobject(py).unwrap().into_any().unbind()).unwrap_or(py.None());
         let ast = engine.compile(source).map_err(|e| {
-            build(py, "PolicyCompileError", &parse_message(&e, source), e.position(), &[("file", file())])
+            build(
+                py,
+                "PolicyCompileError",
+                &parse_message(&e, source),
+                e.position(),
+                &[("file", file())],
+            )
         })?;
-        let arity = ast
-            .iter_functions()
-            .filter(|f| f.name == "schedule_job")
-            .map(|f| f.params.len())
-            .max();
+        let arity =
+            ast.iter_functions().filter(|f| f.name == "schedule_job").map(|f| f.params.len()).max();
         let arity = match arity {
             Some(n @ 1..=3) => n,
             Some(n) => {
                 return Err(build(
                     py,
                     "PolicyCompileError",
-                    &format!("schedule_job takes {n} parameters; expected fn schedule_job(job, pools, workers)"),
+                    &format!(
+                        "schedule_job takes {n} parameters; \
+                         expected fn schedule_job(job, pools, workers)"
+                    ),
                     rhai::Position::new(1, 1),
                     &[("file", file())],
                 ))
@@ -350,9 +378,8 @@ impl CompiledPolicy {
         } else {
             return Err(PyTypeError::new_err("state must be a rbee State or a dict"));
         };
-        let job_dict = job
-            .cast::<PyDict>()
-            .map_err(|_| PyTypeError::new_err("job must be a dict"))?;
+        let job_dict =
+            job.cast::<PyDict>().map_err(|_| PyTypeError::new_err("job must be a dict"))?;
         let job = job_map(job_dict).map_err(|e| conversion_error(py, &e))?;
         let job_id = job_id_of(&job);
         let failed: Vec<ImmutableString> = job
@@ -378,8 +405,8 @@ impl CompiledPolicy {
 
         let call = Call { job_id, state, workers: workers_dyn, now, max_tokens, started };
         let run = || {
-            let (result, ctx, peak) = self.run(&self.engine, &call, job_dyn, &self.rotation,
-                                               &self.limits);
+            let (result, ctx, peak) =
+                self.run(&self.engine, &call, job_dyn, &self.rotation, &self.limits);
             let decided = result.map(|v| interpret(v, &call.state, &failed));
             (decided, ctx, peak)
         };
@@ -405,18 +432,29 @@ impl CompiledPolicy {
                 return Err(build(py, class, &message, pos, &extra(py)?));
             }
             Ok(Err(message)) => {
-                return Err(build(py, "PolicyReturnError", &message, rhai::Position::NONE, &extra(py)?));
+                return Err(build(
+                    py,
+                    "PolicyReturnError",
+                    &message,
+                    rhai::Position::NONE,
+                    &extra(py)?,
+                ));
             }
             Ok(Ok(d)) => d,
         };
 
         let out = PyDict::new(py);
-        let (kind, worker, reason, status, retry): (&str, Option<ImmutableString>, Option<ImmutableString>, Option<INT>, Option<INT>) =
-            match decided.outcome {
-                Outcome::Dispatch(id) => ("dispatch", Some(id), None, None, None),
-                Outcome::Reject(r) => ("reject", None, Some(r.code), Some(r.status), None),
-                Outcome::Wait(reason, ms) => ("wait", None, Some(reason), None, ms),
-            };
+        let (kind, worker, reason, status, retry): (
+            &str,
+            Option<ImmutableString>,
+            Option<ImmutableString>,
+            Option<INT>,
+            Option<INT>,
+        ) = match decided.outcome {
+            Outcome::Dispatch(id) => ("dispatch", Some(id), None, None, None),
+            Outcome::Reject(r) => ("reject", None, Some(r.code), Some(r.status), None),
+            Outcome::Wait(reason, ms) => ("wait", None, Some(reason), None, ms),
+        };
         out.set_item("kind", kind)?;
         out.set_item("worker_id", worker.as_deref())?;
         out.set_item("reason", reason.as_deref())?;
@@ -454,7 +492,10 @@ fn job_map(job: &Bound<'_, PyDict>) -> Result<Map, crate::convert::ConvertError>
 fn is_limit(class: &str) -> bool {
     matches!(
         class,
-        "PolicyTimeout" | "TooManyOperations" | "MemoryLimitExceeded" | "DataTooLarge"
+        "PolicyTimeout"
+            | "TooManyOperations"
+            | "MemoryLimitExceeded"
+            | "DataTooLarge"
             | "StackOverflow"
     )
 }
@@ -491,8 +532,13 @@ impl CompiledPolicy {
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
         let mut args = vec![job, call.state.pools_dyn.clone(), call.workers.clone()];
         args.truncate(self.arity);
-        let result =
-            engine.call_fn_with_options::<Dynamic>(options, &mut scope, &self.ast, "schedule_job", args);
+        let result = engine.call_fn_with_options::<Dynamic>(
+            options,
+            &mut scope,
+            &self.ast,
+            "schedule_job",
+            args,
+        );
         let peak = crate::alloc::Meter::peak();
         let ctx = session.finish();
         // A limit a helper tripped after the last operation still counts.
@@ -565,9 +611,9 @@ pub fn evaluate<'py>(
             (&owned, limits)
         }
     };
-    let ast = engine
-        .compile(source)
-        .map_err(|e| build(py, "PolicyCompileError", &parse_message(&e, source), e.position(), &[]))?;
+    let ast = engine.compile(source).map_err(|e| {
+        build(py, "PolicyCompileError", &parse_message(&e, source), e.position(), &[])
+    })?;
     let natives = Arc::new(NativeTable::build(&ast));
     let run = || {
         let started = Instant::now();

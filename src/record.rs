@@ -20,9 +20,25 @@ use crate::state::num;
 
 /// Fields with a slot in the table, in slot order.
 pub const HOT: &[&str] = &[
-    "id", "status", "load", "active", "slots", "gpus", "vram_free", "vram_total",
-    "cost_per_token", "latency_ms", "tokens_per_sec", "capability", "backend", "model",
-    "models", "geo", "pool", "last_used_at", "priority",
+    "id",
+    "status",
+    "load",
+    "active",
+    "slots",
+    "gpus",
+    "vram_free",
+    "vram_total",
+    "cost_per_token",
+    "latency_ms",
+    "tokens_per_sec",
+    "capability",
+    "backend",
+    "model",
+    "models",
+    "geo",
+    "pool",
+    "last_used_at",
+    "priority",
 ];
 
 /// Slots the Rust helpers read directly: each is the position of its name in
@@ -127,7 +143,10 @@ pub fn is_record_or_map(value: &Dynamic) -> bool {
     value.is_map() || value.read_lock::<Rec>().is_some()
 }
 
-fn display(ctx: NativeCallContext, r: &mut Rec) -> Result<ImmutableString, Box<rhai::EvalAltResult>> {
+fn display(
+    ctx: NativeCallContext,
+    r: &mut Rec,
+) -> Result<ImmutableString, Box<rhai::EvalAltResult>> {
     ctx.call_native_fn::<ImmutableString>("to_debug", (Dynamic::from_map(r.to_map()),))
 }
 

@@ -248,7 +248,9 @@ impl StateData {
         for (i, m) in models.iter().enumerate() {
             let id = required_id(m, &format!("state.models[{i}]"))?;
             self.model_index.insert(id.to_string(), i);
-            if let Some(aliases) = m.get("aliases").and_then(|a| a.read_lock::<Array>().map(|a| a.clone())) {
+            if let Some(aliases) =
+                m.get("aliases").and_then(|a| a.read_lock::<Array>().map(|a| a.clone()))
+            {
                 for alias in aliases.iter().filter_map(text) {
                     self.model_index.entry(alias.to_string()).or_insert(i);
                 }
@@ -415,7 +417,8 @@ impl State {
     fn replace(&self, py: Python<'_>, section: &str, items: &Bound<'_, PyAny>) -> PyResult<()> {
         if section == "workers" || !STATE_KEYS.contains(&section) || section == "now" {
             return Err(PyKeyError::new_err(format!(
-                "cannot replace '{section}' (use upsert_worker for workers; sections: pools, gpus, models, tenants, queue)"
+                "cannot replace '{section}' (use upsert_worker for workers; \
+                 sections: pools, gpus, models, tenants, queue)"
             )));
         }
         let wrapper = PyDict::new(py);

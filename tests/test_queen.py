@@ -77,13 +77,15 @@ def test_streaming_relays_tokens_in_order(harness):
     stream = client.chat.completions.create(
         model="llama-3.1-8b-instruct", messages=[{"role": "user", "content": "count"}],
         max_tokens=6, stream=True)
-    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    pieces = [c.choices[0].delta.content for c in stream
+              if c.choices and c.choices[0].delta.content]
     assert len(pieces) == 6
     direct = openai.OpenAI(base_url=harness.fakes["cheap-eu"].url, api_key="x")
     again = direct.chat.completions.create(
         model="llama-3.1-8b-instruct", messages=[{"role": "user", "content": "count"}],
         max_tokens=6, stream=True)
-    expected = [c.choices[0].delta.content for c in again if c.choices and c.choices[0].delta.content]
+    expected = [c.choices[0].delta.content for c in again
+                if c.choices and c.choices[0].delta.content]
     # The default policy chose one of the two 8b workers; its words come back as sent.
     worker = harness.queen.decisions[-1]["worker_id"]
     if worker == "cheap-eu":
@@ -221,7 +223,8 @@ def test_a_queued_job_proceeds_when_a_worker_joins(harness):
 
 def test_retry_when_a_worker_dies_before_the_first_byte(harness):
     policy = ('fn schedule_job(job, pools, workers) {'
-              ' let w = workers.by_id("cheap-eu"); if w != () { w } else { workers.by_id("fast-us") } }')
+              ' let w = workers.by_id("cheap-eu");'
+              ' if w != () { w } else { workers.by_id("fast-us") } }')
     assert put_policy(harness, policy).status_code == 200
     harness.fakes["cheap-eu"].fail_next = 1
     worker, reply = chat(harness.openai())

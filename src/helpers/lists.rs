@@ -233,7 +233,12 @@ fn comparable(k: &Dynamic) -> bool {
     num(k).is_some() || k.is_string()
 }
 
-fn extreme_by(ctx: NativeCallContext, arr: &mut Array, f: FnPtr, max: bool) -> HelperResult<Dynamic> {
+fn extreme_by(
+    ctx: NativeCallContext,
+    arr: &mut Array,
+    f: FnPtr,
+    max: bool,
+) -> HelperResult<Dynamic> {
     let mut caller = Caller::new(&ctx, &f);
     let mut best: Option<(Dynamic, &Dynamic)> = None;
     for (i, w) in arr.iter().enumerate() {
@@ -294,9 +299,8 @@ fn sum_keys(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<(
     for (i, w) in arr.iter().enumerate() {
         let k = caller.call(w, i)?;
         if let Ok(v) = k.as_int() {
-            int_sum = int_sum
-                .checked_add(v)
-                .ok_or_else(|| runtime("sum_by: integer overflow".into()))?;
+            int_sum =
+                int_sum.checked_add(v).ok_or_else(|| runtime("sum_by: integer overflow".into()))?;
         } else if let Ok(v) = k.as_float() {
             float_sum += v;
             floats = true;
@@ -327,10 +331,7 @@ fn count(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<INT>
 }
 
 fn keep(arr: &Array, pred: impl Fn(&Map) -> bool) -> Array {
-    arr.iter()
-        .filter(|w| with_map(w, |m| pred(m)).unwrap_or(false))
-        .cloned()
-        .collect()
+    arr.iter().filter(|w| with_map(w, |m| pred(m)).unwrap_or(false)).cloned().collect()
 }
 
 fn str_field_is(m: &Map, key: &str, want: &str) -> bool {
@@ -382,10 +383,7 @@ fn in_region(arr: &mut Array, region: &str) -> Array {
 }
 
 fn by_id(arr: &mut Array, id: &str) -> Dynamic {
-    arr.iter()
-        .find(|w| id_of(w).as_deref() == Some(id))
-        .cloned()
-        .unwrap_or(Dynamic::UNIT)
+    arr.iter().find(|w| id_of(w).as_deref() == Some(id)).cloned().unwrap_or(Dynamic::UNIT)
 }
 
 pub fn register(engine: &mut Engine) {

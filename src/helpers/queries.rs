@@ -93,9 +93,7 @@ fn tenant_remaining_quota(id: &str) -> Dynamic {
 }
 
 fn model_field(reference: &str, key: &str) -> Dynamic {
-    with_state(|s| s.model(reference).map(|m| field(m, key)))
-        .flatten()
-        .unwrap_or(Dynamic::UNIT)
+    with_state(|s| s.model(reference).map(|m| field(m, key))).flatten().unwrap_or(Dynamic::UNIT)
 }
 
 /// VRAM a model needs: `vram_required`, or its file size plus 20% for the KV
@@ -189,8 +187,9 @@ fn start_worker(model: &str, pool: &str, gpu: Dynamic) -> Dynamic {
 
 fn dispatch(worker: Dynamic) -> HelperResult<Dispatch> {
     let id = text(&worker).or_else(|| text(&field(&worker, "id")));
-    id.map(|worker_id| Dispatch { worker_id })
-        .ok_or_else(|| runtime(format!("dispatch() needs a worker or a worker id, got {}", worker.type_name())))
+    id.map(|worker_id| Dispatch { worker_id }).ok_or_else(|| {
+        runtime(format!("dispatch() needs a worker or a worker id, got {}", worker.type_name()))
+    })
 }
 
 fn reject(code: ImmutableString, status: Option<INT>) -> HelperResult<Reject> {
@@ -199,17 +198,26 @@ fn reject(code: ImmutableString, status: Option<INT>) -> HelperResult<Reject> {
 
 fn wait(reason: ImmutableString, ms: Option<INT>) -> HelperResult<Wait> {
     match ms {
-        Some(ms) if ms < 0 => Err(runtime(format!("wait(\"{reason}\", {ms}): ms must not be negative"))),
+        Some(ms) if ms < 0 => {
+            Err(runtime(format!("wait(\"{reason}\", {ms}): ms must not be negative")))
+        }
         _ => Ok(Wait { reason, ms }),
     }
 }
 
 fn coord(v: &Dynamic, name: &str) -> HelperResult<FLOAT> {
-    num(v).ok_or_else(|| runtime(format!("distance(): {name} must be a number, got {}", v.type_name())))
+    num(v).ok_or_else(|| {
+        runtime(format!("distance(): {name} must be a number, got {}", v.type_name()))
+    })
 }
 
 fn distance(a: Dynamic, b: Dynamic, c: Dynamic, d: Dynamic) -> HelperResult<FLOAT> {
-    Ok(great_circle_km(coord(&a, "lat1")?, coord(&b, "lon1")?, coord(&c, "lat2")?, coord(&d, "lon2")?))
+    Ok(great_circle_km(
+        coord(&a, "lat1")?,
+        coord(&b, "lon1")?,
+        coord(&c, "lat2")?,
+        coord(&d, "lon2")?,
+    ))
 }
 
 fn queue_depth() -> INT {
@@ -251,7 +259,11 @@ pub fn register(engine: &mut Engine) {
     volatile!(e, "tenant_weight", |id: &str| {
         tenant(id).map_or(Dynamic::UNIT, |t| {
             let w = field(&t, "weight");
-            if w.is_unit() { Dynamic::from_int(1) } else { w }
+            if w.is_unit() {
+                Dynamic::from_int(1)
+            } else {
+                w
+            }
         })
     });
     volatile!(e, "model_exists", |r: &str| with_state(|s| s.model(r).is_some()).unwrap_or(false));
@@ -260,13 +272,21 @@ pub fn register(engine: &mut Engine) {
     volatile!(e, "model_context_length", |r: &str| model_field(r, "context_length"));
     // A missing id (`job.tenant_id` of a job without a tenant reads as `()`)
     // is an unknown id: `false` or `()`, not "function not found".
-    e.register_fn("tenant_over_quota", |_: ()| false)
-        .register_fn("model_exists", |_: ()| false);
+    e.register_fn("tenant_over_quota", |_: ()| false).register_fn("model_exists", |_: ()| false);
     for name in [
-        "gpu_vram_total", "gpu_vram_free", "gpu_vram_allocated", "gpu_device_name",
-        "gpu_utilization", "gpu_temperature", "tenant_remaining_quota", "tenant_usage",
-        "tenant_concurrent_jobs", "tenant_weight", "model_size_bytes",
-        "model_vram_required", "model_context_length",
+        "gpu_vram_total",
+        "gpu_vram_free",
+        "gpu_vram_allocated",
+        "gpu_device_name",
+        "gpu_utilization",
+        "gpu_temperature",
+        "tenant_remaining_quota",
+        "tenant_usage",
+        "tenant_concurrent_jobs",
+        "tenant_weight",
+        "model_size_bytes",
+        "model_vram_required",
+        "model_context_length",
     ] {
         e.register_fn(name, |_: ()| ());
     }

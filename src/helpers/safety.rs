@@ -107,7 +107,16 @@ fn format_array(ctx: NativeCallContext, arr: &mut Array) -> HelperResult<Immutab
     let value = Dynamic::from_array(arr.clone());
     if let Err(e) = check(&ctx, &value) {
         let state_array = arr.iter().all(|x| x.read_lock::<Rec>().is_some());
-        return over_limit(&ctx, value, || if !state_array { arr.clear() }, e);
+        return over_limit(
+            &ctx,
+            value,
+            || {
+                if !state_array {
+                    arr.clear()
+                }
+            },
+            e,
+        );
     }
     let mut out = String::from("[");
     for (i, x) in arr.iter().enumerate() {
@@ -206,7 +215,12 @@ fn to_json(ctx: NativeCallContext, map: &mut Map) -> HelperResult<ImmutableStrin
 }
 
 /// `string.replace(find, with)` after checking the result's size.
-fn replace(ctx: NativeCallContext, s: &mut ImmutableString, find: &str, with: &str) -> HelperResult<()> {
+fn replace(
+    ctx: NativeCallContext,
+    s: &mut ImmutableString,
+    find: &str,
+    with: &str,
+) -> HelperResult<()> {
     if s.is_empty() || find.is_empty() {
         return Ok(());
     }
@@ -227,8 +241,7 @@ pub fn register(engine: &mut Engine) {
         engine.register_fn(name, format_array);
         engine.register_fn(name, format_map);
     }
-    engine
-        .register_fn("to_json", to_json);
+    engine.register_fn("to_json", to_json);
     // `replace` changes its argument in place, so it must not be marked pure:
     // a pure function may be called on a constant.
     let mutating = || FuncRegistration::new("replace").with_purity(false);
