@@ -45,6 +45,7 @@ class Queen:
         self.demo = False
         self._wake = asyncio.Event()
         self._stopping = False
+        self.queue: list[Job] = []
         self.store = store or Store(config.database, config.decision_log_size)
         self.platform = config.mode == "platform"
         self.tenants = Tenants(self.store)
@@ -69,7 +70,6 @@ class Queen:
             sample_jobs=self.sample_jobs,
             limits=config.limits.as_dict() or None,
         )
-        self.queue: list[Job] = []
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=config.decision_log_size
@@ -164,8 +164,11 @@ class Queen:
         return decision
 
     def kick(self) -> None:
-        """The state changed: queued jobs get another look."""
-        self._wake.set()
+        """The state changed: queued jobs get another look. With nothing
+        queued there is nothing to look at, and waking the pump on every slot
+        taken or freed would cost each request a task switch."""
+        if self.queue:
+            self._wake.set()
 
     async def acquire(self, job: Job) -> Worker:
         """Answers the worker the job runs on, waiting in the queue if need be.
