@@ -144,7 +144,8 @@ class Queen:
         at = now_ms()
         started = time.perf_counter()
         try:
-            decision = self.policies.scheduler.decide(job.to_script(at), self.registry.state)
+            script_job = job.to_script(at)
+            decision = self.policies.scheduler.decide(script_job, self.registry.state)
         except PolicyError as exc:
             # Even the built-in default failed: there is no answer to give.
             self.metrics.policy_errors.labels(exc.code).inc()
@@ -157,7 +158,7 @@ class Queen:
                 self.metrics.fallbacks.labels(failure["code"], decision.fallback["used"]).inc()
         record = {
             "at": at, "job_id": job.id, "policy_version": self.policies.version,
-            **decision.to_dict(), "job": job.to_script(at),
+            **decision.to_dict(), "job": script_job,
         }
         self.decisions.append(record)
         self.store.add_decision(record)

@@ -210,9 +210,9 @@ class Registry:
                 tps if worker.tokens_per_sec is None
                 else (1 - _EWMA) * worker.tokens_per_sec + _EWMA * tps
             )
+        # No publish here: the slot is released right after a response, and
+        # that publishes the learned figures with it (one state update, not two).
         worker.failures = 0
-        if worker.id in self.workers:
-            self._publish(worker)
 
     def mark_failed(self, worker: Worker, threshold: int) -> None:
         """A request or probe failed; past `threshold` in a row it is down."""
