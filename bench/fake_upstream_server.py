@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from rbee.queen.fakeworker import FakeWorker
+from rbee.queen.serve import until_signalled
 
 
 async def serve(port: int, model: str, ttft_ms: float, tokens_per_sec: float) -> None:
@@ -22,12 +22,8 @@ async def serve(port: int, model: str, ttft_ms: float, tokens_per_sec: float) ->
                         tokens_per_sec=tokens_per_sec)
     url = await worker.start("127.0.0.1", port)
     print(f"READY {url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
         await worker.stop()
 

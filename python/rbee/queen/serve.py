@@ -14,7 +14,7 @@ from rbee.queen.app import build_app
 from rbee.queen.config import ConfigError, QueenConfig, WorkerConfig, ModelConfig
 from rbee.queen.core import Queen
 
-__all__ = ["run_queen", "start_queen"]
+__all__ = ["run_queen", "start_queen", "stop_queen", "until_signalled"]
 
 log = logging.getLogger("rbee.queen")
 
@@ -79,11 +79,16 @@ async def run_queen(config: QueenConfig, *, demo: bool = False) -> None:
     label = " with a SIMULATED demo cluster (no real GPUs)" if demo else ""
     log.info("queen-rbee listening on http://%s%s", config.listen, label)
     print(f"queen-rbee listening on http://{config.listen}{label}", flush=True)
+    try:
+        await until_signalled()
+    finally:
+        await stop_queen(runner, cluster)
+
+
+async def until_signalled() -> None:
+    """Returns on SIGINT or SIGTERM, so the caller can shut down in order."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await stop_queen(runner, cluster)
+    await stop.wait()
