@@ -22,6 +22,7 @@ from rbee.queen.core import Queen
 from rbee.queen.frontdoor import BadRequest, decode_body, parse_job
 from rbee.queen.jobs import ENDPOINTS, JobError, now_ms
 from rbee.queen.metrics import CONTENT_TYPE_LATEST
+from rbee.queen.policies import REPLAY_MAX
 from rbee.queen.proxy import Proxy
 from rbee.scheduler import State
 
@@ -387,24 +388,51 @@ async def validate_scheduler(request: web.Request) -> web.Response:
     return web.json_response({"valid": True, "decisions": [d.to_dict() for d in decisions]})
 
 
+def _preview_state(body: dict[str, Any]) -> State | None:
+    if body.get("state") is None:
+        return None
+    try:
+        return State(body["state"])
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"'state': {exc}", "state") from None
+
+
 async def preview_scheduler(request: web.Request) -> web.Response:
     body = await read_json(request)
+    if isinstance(body, dict) and "replay" in body:
+        return await _preview_replay(request, body)
     if not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
         raise BadRequest("expected {\"jobs\": [...], \"source\"?, \"format\"?, \"state\"?}", "jobs")
     if not all(isinstance(j, dict) for j in body["jobs"]):
         raise BadRequest("each of 'jobs' must be an object", "jobs")
-    state = None
-    if body.get("state") is not None:
-        try:
-            state = State(body["state"])
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(f"'state': {exc}", "state") from None
+    state = _preview_state(body)
     try:
         decisions = request.app[QUEEN].policies.preview(
             body["jobs"], body.get("source"), body.get("format"), state)
     except PolicyError as exc:
         return policy_error_response(exc)
     return web.json_response({"decisions": decisions})
+
+
+async def _preview_replay(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """``{"source", "format"?, "replay": N, "state"?}``: the last N recorded
+    decisions, re-decided by the active policy and the candidate on the live
+    state (the log does not keep the state of each decision)."""
+    count = body["replay"]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= REPLAY_MAX:
+        raise BadRequest(f"'replay' must be the number of recorded decisions to replay, an "
+                         f"integer from 1 to {REPLAY_MAX}, got {count!r}", "replay")
+    if "jobs" in body:
+        raise BadRequest("give either 'jobs' or 'replay', not both", "replay")
+    source, fmt = _policy_body(body)
+    state = _preview_state(body)
+    queen = request.app[QUEEN]
+    records = list(queen.decisions)[-count:]
+    try:
+        answer = await queen.policies.replay(records, source, fmt, state)
+    except PolicyError as exc:
+        return policy_error_response(exc)
+    return web.json_response(answer)
 
 
 async def list_versions(request: web.Request) -> web.Response:

@@ -16,9 +16,13 @@ from typing import Any, Callable
 import yaml
 
 from rbee.errors import PolicyCompileError, PolicyError
+from rbee.policy_diff import decide, same, summary
 from rbee.scheduler import DEFAULT_POLICY_SOURCE, Decision, Policy, Scheduler, State
 
-__all__ = ["PolicyManager", "detect_format"]
+__all__ = ["PolicyManager", "detect_format", "REPLAY_MAX"]
+
+#: The most recorded decisions one preview may replay.
+REPLAY_MAX = 1000
 
 log = logging.getLogger("rbee.queen.policies")
 
@@ -132,6 +136,33 @@ class PolicyManager:
                 out.append({"kind": "error", "error": exc.to_dict(), "logs": exc.logs})
         return out
 
+    async def replay(
+        self,
+        records: list[dict[str, Any]],
+        source: str,
+        fmt: str | None = None,
+        state: State | None = None,
+    ) -> dict[str, Any]:
+        """Re-decides recorded decisions (oldest first) with the active policy
+        and with the candidate ``source``; answers the candidate's decisions
+        and the jobs whose decision changes between the two.
+
+        The decision log keeps each job as the policy saw it and the time it
+        was decided (``now()`` is that time again), but not the state: keeping
+        it would cost O(workers) per request on the hot path. Both policies
+        therefore decide on the live state (or the given one), copied once so
+        that it holds still during the replay; the recorded decision is
+        reported for reference only. No side effects: both policies are fresh
+        compiled copies, so the live policy's rotation state is left alone.
+        """
+        # Read the active policy here, on the event loop, where swaps happen.
+        active = self.compile(self.source, self.format, f"<version {self.version}>")
+        candidate = self.compile(source, fmt, "<candidate>")
+        snapshot = State((state if state is not None else self._state()).to_dict())
+        # A slow candidate may spend its whole time limit on every job; off the
+        # event loop that costs this request time, not every other request's.
+        return await asyncio.to_thread(_replay, active, candidate, records, snapshot)
+
     # -- start-up and the watched file --------------------------------------
 
     def start_fixed(self, source: str, origin: str) -> None:
@@ -215,3 +246,21 @@ class PolicyManager:
                     on_result("ok")
             except PolicyError:
                 on_result("refused")
+
+
+def _replay(active: Policy, candidate: Policy, records: list[dict[str, Any]],
+            state: State) -> dict[str, Any]:
+    decisions, changes = [], []
+    for record in records:
+        job, at = record["job"], record.get("at")
+        now = at if isinstance(at, int) and not isinstance(at, bool) else None
+        before = decide(active, job, state, now)
+        after = decide(candidate, job, state, now)
+        decisions.append(after)
+        if not same(before, after):
+            recorded = summary(record) | {"policy_version": record.get("policy_version")}
+            changes.append({"job_id": record.get("job_id", job.get("id")), "at": at,
+                            "recorded": recorded, "active": summary(before),
+                            "candidate": summary(after)})
+    return {"decisions": decisions,
+            "replay": {"jobs": len(records), "changed": len(changes), "changes": changes}}
