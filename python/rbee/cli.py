@@ -232,6 +232,83 @@ def policy_test(path: str, policy_path: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+class BadInput(Failure):
+    """A file that cannot be used: exit status 2, as diff(1) does."""
+
+    exit_code = 2
+
+
+@policy.command("diff")
+@click.argument("old")
+@click.argument("new")
+@click.option("--trace", "trace_path", required=True, metavar="FILE.jsonl",
+              help="Jobs, or decision records of GET /v1/decisions, one JSON per line "
+                   "(- reads stdin).")
+@click.option("--state", "state_path", metavar="STATE.json",
+              help="The cluster state (JSON, or YAML by extension) every job is decided on.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--max-changes", type=click.IntRange(min=0), metavar="N",
+              help="List at most N changed jobs (the summary counts them all).")
+@click.option("--now-ms", type=int,
+              help="Fix now() for every job (default: a record's own time, else the start).")
+@limit_option
+def policy_diff(old: str, new: str, trace_path: str, state_path: str | None, as_json: bool,
+                max_changes: int | None, now_ms: int | None,
+                limit_pairs: tuple[str, ...]) -> None:
+    """Replay a trace through OLD and NEW and list the jobs whose decision changes.
+
+    OLD and NEW are policy files (.rhai, .yaml) or template names. Every job
+    is decided on the same, unchanging state. Exit status: 0 when no
+    decision changes, 1 when some do, 2 when an input cannot be used.
+    """
+    import time
+
+    from rbee.policy_diff import TraceError, diff, load_policy, parse_entry
+
+    try:
+        limits = _limits(limit_pairs)
+        policies = []
+        for ref in (old, new):
+            try:
+                policies.append(load_policy(ref, limits))
+            except PolicyError as exc:
+                raise Failure(str(exc)) from None
+            except ValueError as exc:  # an unknown or invalid limit
+                raise Failure(f"--limit: {exc}") from None
+        state = None
+        if state_path is not None:
+            try:
+                state = State(_load_object(state_path, "state"))
+            except RbeeError as exc:
+                raise Failure(f"{state_path}: {exc}") from None
+        entries = [parse_entry(value, n, f"{trace_path}:{n}")
+                   for n, value in _iter_values(trace_path)]
+        if not entries:
+            raise Failure(f"{trace_path}: no jobs in the trace")
+        report = diff(policies[0], policies[1], entries, state, trace=trace_path,
+                      now_ms=now_ms, started_ms=int(time.time() * 1000))
+    except Failure as exc:
+        raise BadInput(exc.message) from None
+    except TraceError as exc:
+        raise BadInput(str(exc)) from None
+    if as_json:
+        _emit(report.to_dict(max_changes))
+    else:
+        click.echo(report.text(max_changes))
+    sys.exit(1 if report.changes else 0)
+
+
+def _iter_values(path: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for every non-blank line of a JSONL file."""
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise Failure(f"{path}:{number}:{exc.colno}: invalid JSON: {exc.msg}") from None
+
+
 @main.group("templates")
 def templates_group() -> None:
     """The template library: policies that ship with rbee."""
@@ -356,6 +433,10 @@ def rhai_eval(script: str, expr: bool, limit_pairs: tuple[str, ...]) -> None:
 from rbee.tenants_cli import tenants as _tenants  # noqa: E402  (a group of its own module)
 
 main.add_command(_tenants)
+
+from rbee.simulate.cli import simulate as _simulate  # noqa: E402
+
+main.add_command(_simulate)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,232 @@
+"""Speed of the policy simulator (``rbee simulate``): simulated jobs per
+second of wall clock, per policy, on a cluster of 100 workers, and where
+the time goes. See the "Simulator" section of docs/benchmarks.md.
+
+    python bench/bench_simulate.py                    # 100 workers, 30,000 jobs
+    python bench/bench_simulate.py --json out.json
+    python bench/bench_simulate.py --jobs 10000 --repeat 1 --policies cost-optimizer
+    python bench/bench_simulate.py --profile          # cProfile of one cost-optimizer run
+
+The target is 20,000 simulated jobs per second with the cost optimizer
+template on 100 workers. A missed target does not fail the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from rbee.simulate.cluster import parse_cluster
+from rbee.simulate.generate import GeneratorSpec, dumps, generate
+from rbee.simulate.model import Simulation
+from rbee.simulate.policies import load_policy
+from rbee.simulate.report import summarize
+from rbee.simulate.trace import parse_trace
+
+TARGET_JOBS_PER_S = 20_000
+POLICIES = ("cost-optimizer", "round-robin", "least-loaded", "latency-optimizer")
+SITES = (  # name, region, country, latitude, longitude
+    ("fra", "EU", "DE", 50.11, 8.68),
+    ("ams", "EU", "NL", 52.37, 4.90),
+    ("iad", "US", "US", 39.04, -77.49),
+    ("sfo", "US", "US", 37.77, -122.42),
+    ("sin", "APAC", "SG", 1.35, 103.82),
+)
+MODEL = "llama-3.1-8b-instruct"
+# Mean output of a generated text job: max_tokens (512) x the mean of U(0.1, 1).
+MEAN_OUTPUT_TOKENS = 512 * 0.55
+
+
+def cluster_yaml(workers: int, seed: int) -> tuple[str, float]:
+    """A cluster of ``workers`` workers spread over the sites, as YAML, and
+    how many jobs per second it finishes when every slot is busy."""
+    rng = random.Random(f"bench-simulate:{seed}:{workers}")
+    lines = ["workers:"]
+    capacity = 0.0
+    for i in range(workers):
+        site, region, country, lat, lon = SITES[i % len(SITES)]
+        slots = rng.choice((2, 4, 8))
+        tps = round(rng.uniform(30, 150), 1)
+        ttft = rng.randint(80, 400)
+        cost = round(rng.uniform(0.05, 0.6), 2) / 1e6
+        lines.append(
+            f"  - {{id: {site}-{i + 1:03d}, pool: {site}, models: [{MODEL}], slots: {slots}, "
+            f"ttft_ms: {ttft}, tokens_per_sec: {tps}, cost_per_token: {cost!r}, "
+            f"backend: cuda, gpus: 1, "
+            f"geo: {{region: {region}, country: {country}, latitude: {lat}, "
+            f"longitude: {lon}}}}}")
+        capacity += slots / ((ttft + MEAN_OUTPUT_TOKENS / tps * 1000) / 1000)
+    return "\n".join(lines) + "\n", capacity
+
+
+def trace_lines(jobs: int, rate: float, seed: int) -> list[str]:
+    spec = GeneratorSpec(
+        jobs=jobs, seed=seed, rate=rate, deadline_share=1.0, deadline_ms=(20_000, 60_000),
+        priorities={"interactive": 0.3, "normal": 0.5, "batch": 0.2},
+        tenants={"acme": 0.5, "globex": 0.3, "initech": 0.2},
+        geo={"amsterdam": 0.3, "new-york": 0.3, "san-francisco": 0.2, "singapore": 0.2},
+    )
+    return [dumps(job) for job in generate(spec)]
+
+
+class TimedSimulation(Simulation):
+    """Times the engine's decisions and the state updates, for the breakdown."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decide_s = 0.0
+        self.flush_s = 0.0
+        self.upserts = 0
+        decide = self.scheduler.decide
+        clock = time.perf_counter
+
+        def timed_decide(job: Any, state: Any, *, now_ms: int | None = None) -> Any:
+            started = clock()
+            try:
+                return decide(job, state, now_ms=now_ms)
+            finally:
+                self.decide_s += clock() - started
+
+        self.scheduler.decide = timed_decide  # type: ignore[method-assign]
+
+    def _flush(self) -> None:
+        started = time.perf_counter()
+        self.upserts += len(self._dirty)
+        super()._flush()
+        self.flush_s += time.perf_counter() - started
+
+
+def rebuild_probe(sim: Simulation, job: dict[str, Any], n: int = 2000) -> dict[str, float]:
+    """Decisions on an unchanged state, and with one worker updated before
+    each: the difference is rebuilding the worker arrays (src/state.rs)."""
+    decide = sim.policy._compiled.decide  # the extension call, no Python wrapper
+    state = sim.state
+    snap = sim.workers[0].snap
+    started = time.perf_counter()
+    for _ in range(n):
+        decide(job, state, 0)
+    still = (time.perf_counter() - started) / n * 1e6
+    started = time.perf_counter()
+    for _ in range(n):
+        state.upsert_worker(snap)
+    upsert = (time.perf_counter() - started) / n * 1e6
+    started = time.perf_counter()
+    for _ in range(n):
+        state.upsert_worker(snap)
+        decide(job, state, 0)
+    changed = (time.perf_counter() - started) / n * 1e6
+    return {"decide_us": round(still, 1), "upsert_us": round(upsert, 1),
+            "rebuild_us": round(changed - still - upsert, 1)}
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "commit": commit, "loadavg_start": os.getloadavg()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=100)
+    parser.add_argument("--jobs", type=int, default=30_000)
+    parser.add_argument("--load", type=float, default=0.6,
+                        help="offered load as a fraction of the cluster's capacity")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a cProfile of one cost-optimizer run and stop")
+    args = parser.parse_args()
+
+    yaml_text, capacity = cluster_yaml(args.workers, args.seed)
+    cluster = parse_cluster(yaml_text, "<bench cluster>")
+    rate = round(capacity * args.load, 2)
+    jobs = parse_trace(trace_lines(args.jobs, rate, args.seed), "<bench trace>")
+    print(f"{len(cluster.workers)} workers, {sum(w.slots for w in cluster.workers)} slots, "
+          f"capacity ~{capacity:.1f} jobs/s; {len(jobs):,} jobs at {rate} jobs/s "
+          f"(offered load {args.load:.0%})")
+
+    if args.profile:
+        import cProfile
+        import pstats
+
+        sim = Simulation(cluster, jobs, load_policy("cost-optimizer"))
+        profiler = cProfile.Profile()
+        profiler.runcall(sim.run)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+        return 0
+
+    results = []
+    header = (f"{'policy':<18} {'jobs/s best':>11} {'median':>9} {'decide us':>9} "
+              f"{'upsert us':>9} {'python us':>9} {'us/job':>7} {'util':>6} {'target':>7}")
+    print(header)
+    print("-" * len(header))
+    for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
+        speeds = []
+        for _ in range(args.repeat):
+            run = Simulation(cluster, jobs, load_policy(name)).run()
+            speeds.append(len(jobs) / run.wall_s)
+        summary = summarize(run, name)
+        timed = TimedSimulation(cluster, jobs, load_policy(name))
+        timed_run = timed.run()
+        n = len(jobs)
+        decide_us = timed.decide_s / timed_run.decisions * 1e6
+        upsert_us = timed.flush_s / max(1, timed.upserts) * 1e6
+        python_us = (timed_run.wall_s - timed.decide_s - timed.flush_s) / n * 1e6
+        probe_job = dict(jobs[0].fields, deadline=40_000)
+        probe = rebuild_probe(timed, probe_job)
+        best = max(speeds)
+        verdict = ("PASS" if best >= TARGET_JOBS_PER_S else "MISS") \
+            if name == "cost-optimizer" else ""
+        print(f"{name:<18} {best:>11,.0f} {statistics.median(speeds):>9,.0f} "
+              f"{decide_us:>9.1f} {upsert_us:>9.1f} {python_us:>9.1f} "
+              f"{1e6 / best:>7.1f} {summary['utilisation']:>6.1%} {verdict:>7}")
+        results.append({
+            "policy": name, "jobs_per_s": [round(s, 1) for s in speeds],
+            "best_jobs_per_s": round(best, 1), "median_jobs_per_s":
+                round(statistics.median(speeds), 1),
+            "decisions": timed_run.decisions, "upserts": timed.upserts,
+            "decide_us_per_decision": round(decide_us, 2),
+            "upsert_us_per_update": round(upsert_us, 2),
+            "python_us_per_job": round(python_us, 2),
+            "decisions_per_job": round(timed_run.decisions / n, 3),
+            "upserts_per_job": round(timed.upserts / n, 3),
+            "probe_on_final_state": probe,
+            "utilisation": summary["utilisation"], "completed": summary["completed"],
+            "rejected": summary["rejected"],
+        })
+        print(f"{'':<18} probe on the final state: decide {probe['decide_us']} us, "
+              f"upsert {probe['upsert_us']} us, array rebuild after a change "
+              f"{probe['rebuild_us']} us")
+    if args.json_path:
+        document = {"machine": machine(), "workers": len(cluster.workers), "jobs": len(jobs),
+                    "rate": rate, "load": args.load, "target_jobs_per_s": TARGET_JOBS_PER_S,
+                    "results": results, "loadavg_end": os.getloadavg()}
+        with open(args.json_path, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+        print(f"wrote {args.json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
