@@ -24,9 +24,10 @@ from rbee.queen.jobs import ENDPOINTS, JobError, now_ms
 from rbee.queen.metrics import CONTENT_TYPE_LATEST
 from rbee.queen.policies import REPLAY_MAX
 from rbee.queen.proxy import Proxy
+from rbee.queen.upstream import UpstreamPool
 from rbee.scheduler import State
 
-__all__ = ["build_app", "QUEEN", "ADMIN_TOKEN"]
+__all__ = ["build_app", "model_list", "QUEEN", "ADMIN_TOKEN", "PROXY"]
 
 log = logging.getLogger("rbee.queen.http")
 
@@ -46,10 +47,7 @@ def error_response(status: int, message: str, code: str, kind: str = "invalid_re
 
 
 def job_error_response(exc: JobError) -> web.Response:
-    response = web.json_response(exc.to_dict(), status=exc.status)
-    if exc.status == 429:
-        response.headers["Retry-After"] = str(max(1, -(-(exc.retry_after_ms or 1000) // 1000)))
-    return response
+    return web.json_response(exc.to_dict(), status=exc.status, headers=exc.headers())
 
 
 def policy_error_response(exc: PolicyError) -> web.Response:
@@ -122,48 +120,54 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 # -- the OpenAI-compatible front door -----------------------------------------
 
+class AiohttpDownstream:
+    """A `Downstream` for the aiohttp application: the handler returns
+    `response` once the proxy is done with it."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.response = web.Response(body=body, status=status, headers=headers)
+
+    async def open_stream(self, status: int, headers: dict[str, str]) -> None:
+        self.response = web.StreamResponse(status=status, headers=headers)
+        await self.response.prepare(self.request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(chunk)
+
+    async def close_stream(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+
 def inference(endpoint: str) -> Handler:
+    """Inference on a connection the queen's own server handed to aiohttp
+    (wire.py serves these routes itself on connections that only use them)."""
     async def handle(request: web.Request) -> web.StreamResponse:
-        queen = request.app[QUEEN]
-        raw = await request.read()
-        body = decode_body(raw)
-        had_extras = any(k in body for k in ("priority", "deadline_ms", "session_id", "tags",
-                                             "user_geo"))
-        job = parse_job(endpoint, body, request.headers,
-                        default_timeout_ms=queen.config.queue.default_timeout_ms)
-        if TENANT in request:
-            job.tenant_id = request[TENANT].id
-        started = time.perf_counter()
-        # Forward the client's bytes untouched unless rbee-only fields had to go.
-        payload = json.dumps(body).encode() if had_extras else raw
-        status = 500
-        try:
-            response = await request.app[PROXY].forward(request, job, payload)
-            status = response.status
-            job.status = "done" if status < 400 else "failed"
-            return response
-        except JobError as exc:
-            status = exc.status
-            job.status, job.error = "failed", exc.to_dict()["error"]
-            raise
-        except asyncio.CancelledError:
-            status, job.status = 499, "cancelled"
-            raise
-        finally:
-            job.finished_at = now_ms()
-            queen.finish(job, time.perf_counter() - started)
-            queen.store.save_job(job.record())
-            queen.metrics.requests.labels(endpoint, str(status)).inc()
+        downstream = AiohttpDownstream(request)
+        await request.app[PROXY].serve(endpoint, await request.read(), request.headers,
+                                       request.get(TENANT), downstream)
+        assert downstream.response is not None
+        return downstream.response
 
     return handle
 
 
-async def list_models(request: web.Request) -> web.Response:
-    served = request.app[QUEEN].registry.served_models()
+def model_list(queen: Queen) -> dict[str, Any]:
+    """GET /v1/models: what the workers serve."""
+    served = queen.registry.served_models()
     data = [{"id": model, "object": "model", "created": 0, "owned_by": "rbee",
              "rbee": {"workers": sorted(workers)}}
             for model, workers in sorted(served.items())]
-    return web.json_response({"object": "list", "data": data})
+    return {"object": "list", "data": data}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(model_list(request.app[QUEEN]))
 
 
 # -- native jobs -----------------------------------------------------------------
@@ -564,11 +568,13 @@ def build_app(queen: Queen, admin_token: str = "") -> web.Application:
     app.router.add_get("/metrics", metrics)
 
     async def lifecycle(app: web.Application):
+        # aiohttp's client probes health; inference goes through UpstreamPool.
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             auto_decompress=False,
         )
-        app[PROXY] = Proxy(queen, session)
+        upstream = UpstreamPool()
+        app[PROXY] = Proxy(queen, upstream)
         await queen.start(session)
         yield
         running = list(app[TASKS].values())
@@ -576,6 +582,7 @@ def build_app(queen: Queen, admin_token: str = "") -> web.Application:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         await queen.stop()
+        upstream.close()
         await session.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -67,6 +67,12 @@ class JobError(Exception):
             error["policy_version"] = self.policy_version
         return {"error": error}
 
+    def headers(self) -> dict[str, str]:
+        """Retry-After (whole seconds, rounded up) on a 429."""
+        if self.status != 429:
+            return {}
+        return {"Retry-After": str(max(1, -(-(self.retry_after_ms or 1000) // 1000)))}
+
 
 @dataclass(eq=False)
 class Job:

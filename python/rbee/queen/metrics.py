@@ -3,6 +3,8 @@ queens in one process do not share counters)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -55,6 +57,20 @@ class Metrics:
         self.requests = Counter(
             "rbee_requests", "Requests answered by endpoint and status",
             ["endpoint", "status"], registry=r)
+
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered: prometheus_client looks the
+        child up under a lock on every call, a cost paid on every request."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        self.child(self.requests, endpoint, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

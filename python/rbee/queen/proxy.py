@@ -4,7 +4,11 @@ A worker that fails before anything reached the client costs nothing but
 time: it is marked suspect and the job is scheduled again without it, up to
 `max_attempts`. A worker that fails mid-stream ends the stream with an error
 event. Either way the slot is freed, and so it is when the client goes away
-(aiohttp cancels the handler, which closes the upstream request).
+(the server cancels the handler, which closes the upstream connection).
+
+The client side is a `Downstream`: the queen's own HTTP server (wire.py)
+and the aiohttp application (app.py) both serve inference requests, with
+this one implementation behind them.
 """
 
 from __future__ import annotations
@@ -13,16 +17,15 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
-
-import aiohttp
-from aiohttp import web
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
 from rbee.queen.core import Queen
+from rbee.queen.frontdoor import decode_body, parse_job, RBEE_BODY_FIELDS
 from rbee.queen.jobs import Job, JobError, now_ms
 from rbee.queen.registry import Worker
+from rbee.queen.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
-__all__ = ["Proxy", "UpstreamFailed"]
+__all__ = ["Downstream", "Proxy", "UpstreamFailed"]
 
 log = logging.getLogger("rbee.queen.proxy")
 
@@ -39,10 +42,53 @@ def sse_error(message: str, code: str) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
+class Downstream(Protocol):
+    """Where an inference answer goes: whole, or as a stream."""
+
+    async def send(self, status: int, headers: dict[str, str], body: bytes) -> None: ...
+
+    async def open_stream(self, status: int, headers: dict[str, str]) -> None: ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def close_stream(self) -> None: ...
+
+
 class Proxy:
-    def __init__(self, queen: Queen, session: aiohttp.ClientSession) -> None:
+    def __init__(self, queen: Queen, upstream: UpstreamPool) -> None:
         self.queen = queen
-        self.session = session
+        self.upstream = upstream
+
+    async def serve(self, endpoint: str, raw: bytes, headers: Mapping[str, str],
+                    tenant: Any, downstream: Downstream) -> None:
+        """One OpenAI-compatible request, from its bytes to the answer sent,
+        with the job recorded and counted whatever happens."""
+        queen = self.queen
+        body = decode_body(raw)
+        had_extras = any(k in body for k in RBEE_BODY_FIELDS)
+        job = parse_job(endpoint, body, headers,
+                        default_timeout_ms=queen.config.queue.default_timeout_ms)
+        if tenant is not None:
+            job.tenant_id = tenant.id
+        started = time.perf_counter()
+        # Forward the client's bytes untouched unless rbee-only fields had to go.
+        payload = json.dumps(body).encode() if had_extras else raw
+        status = 500
+        try:
+            status = await self.forward(job, payload, downstream)
+            job.status = "done" if status < 400 else "failed"
+        except JobError as exc:
+            status = exc.status
+            job.status, job.error = "failed", exc.to_dict()["error"]
+            raise
+        except asyncio.CancelledError:
+            status, job.status = 499, "cancelled"
+            raise
+        finally:
+            job.finished_at = now_ms()
+            queen.finish(job, time.perf_counter() - started)
+            queen.store.save_job(job.record())
+            queen.metrics.count_request(endpoint, status)
 
     async def run(
         self, job: Job, attempt: Callable[[Worker], Awaitable[Any]]
@@ -72,18 +118,17 @@ class Proxy:
             finally:
                 self.queen.release(job, worker)
 
-    async def _open(self, job: Job, worker: Worker, payload: bytes) -> aiohttp.ClientResponse:
+    async def _open(self, job: Job, worker: Worker, payload: bytes) -> UpstreamResponse:
         remaining = max(1.0, (job.created_at + job.timeout_ms - now_ms()) / 1000)
         try:
-            response = await self.session.post(
-                worker.url + job.path, data=payload,
+            response = await self.upstream.post(
+                worker.url, job.path, payload,
                 # identity: the body is relayed as is, without its encoding headers.
-                headers={"Content-Type": "application/json", "Accept-Encoding": "identity",
-                         "X-Rbee-Job": job.id},
-                timeout=aiohttp.ClientTimeout(total=remaining, sock_connect=5),
-            )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise UpstreamFailed(f"{type(exc).__name__}: {exc}") from None
+                {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                 "X-Rbee-Job": job.id},
+                remaining)
+        except UpstreamError as exc:
+            raise UpstreamFailed(str(exc)) from None
         if response.status >= 500:
             response.release()
             raise UpstreamFailed(f"HTTP {response.status}")
@@ -114,19 +159,20 @@ class Proxy:
 
     # -- the OpenAI-compatible front door ------------------------------------
 
-    async def forward(self, request: web.Request, job: Job, payload: bytes) -> web.StreamResponse:
-        async def attempt(worker: Worker) -> web.StreamResponse:
+    async def forward(self, job: Job, payload: bytes, downstream: Downstream) -> int:
+        """Runs the job and sends the worker's answer; answers the status."""
+        async def attempt(worker: Worker) -> int:
             started = time.perf_counter()
             upstream = await self._open(job, worker, payload)
             async with upstream:
                 job.worker_id = worker.id
                 streaming = job.stream and upstream.status == 200 and \
-                    upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+                    upstream.headers.get("content-type", "").startswith("text/event-stream")
                 if streaming:
-                    return await self._relay_stream(request, job, worker, upstream, started)
+                    return await self._relay_stream(job, worker, upstream, started, downstream)
                 try:
                     body = await upstream.read()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except UpstreamError as exc:
                     raise UpstreamFailed(f"reading the answer: {exc}") from None
                 ttft = time.perf_counter() - started
                 usage = None
@@ -137,30 +183,26 @@ class Proxy:
                         usage = None
                 self._learn(job, worker, started, None if not job.stream else ttft, 0,
                             usage if isinstance(usage, dict) else None)
-                return web.Response(
-                    body=body, status=upstream.status,
-                    headers={"Content-Type": upstream.headers.get("Content-Type",
-                                                                  "application/json"),
-                             "X-Rbee-Worker": worker.id, "X-Rbee-Job": job.id})
+                await downstream.send(upstream.status, {
+                    "Content-Type": upstream.headers.get("content-type", "application/json"),
+                    "X-Rbee-Worker": worker.id, "X-Rbee-Job": job.id}, body)
+                return upstream.status
 
         return await self.run(job, attempt)
 
-    async def _relay_stream(self, request: web.Request, job: Job, worker: Worker,
-                            upstream: aiohttp.ClientResponse,
-                            started: float) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=200, headers={**_SSE_HEADERS, "X-Rbee-Worker": worker.id,
-                                 "X-Rbee-Job": job.id})
+    async def _relay_stream(self, job: Job, worker: Worker, upstream: UpstreamResponse,
+                            started: float, downstream: Downstream) -> int:
         ttft: float | None = None
         tokens = 0
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 if ttft is None:
                     ttft = time.perf_counter() - started
-                    await response.prepare(request)
+                    await downstream.open_stream(200, {**_SSE_HEADERS, "X-Rbee-Worker": worker.id,
+                                                       "X-Rbee-Job": job.id})
                 tokens += chunk.count(b"data:")
-                await response.write(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                await downstream.write(chunk)
+        except UpstreamError as exc:
             if ttft is None:
                 raise UpstreamFailed(f"stream broke before the first byte: {exc}") from None
             self.queen.metrics.upstream_failures.labels(worker.id, "mid_stream").inc()
@@ -169,15 +211,15 @@ class Proxy:
                         extra={"job_id": job.id, "worker_id": worker.id})
             job.error = {"message": f"worker {worker.id} failed mid-stream",
                          "code": "upstream_failed_mid_stream"}
-            await response.write(sse_error(job.error["message"], job.error["code"]))
-            await response.write_eof()
-            return response
+            await downstream.write(sse_error(job.error["message"], job.error["code"]))
+            await downstream.close_stream()
+            return 200
         if ttft is None:
             raise UpstreamFailed("the stream ended before the first byte")
-        await response.write_eof()
+        await downstream.close_stream()
         # `data: [DONE]` is not a token.
         self._learn(job, worker, started, ttft, max(0, tokens - 1), None)
-        return response
+        return 200
 
     # -- native jobs -----------------------------------------------------------
 
@@ -192,14 +234,17 @@ class Proxy:
             async with upstream:
                 job.worker_id = worker.id
                 if upstream.status != 200:
-                    text = (await upstream.read()).decode("utf-8", "replace")[:2000]
+                    try:
+                        text = (await upstream.read()).decode("utf-8", "replace")[:2000]
+                    except UpstreamError as exc:
+                        text = f"(the answer could not be read: {exc})"
                     raise JobError(upstream.status, "upstream_error",
                                    f"worker {worker.id} answered {upstream.status}: {text}",
                                    kind="upstream_error")
                 if not job.stream:
                     try:
-                        body = await upstream.json(content_type=None)
-                    except (aiohttp.ClientError, ValueError) as exc:
+                        body = json.loads(await upstream.read())
+                    except (UpstreamError, ValueError) as exc:
                         raise UpstreamFailed(f"reading the answer: {exc}") from None
                     emit("started", {"worker_id": worker.id})
                     usage = body.get("usage") if isinstance(body, dict) else None
@@ -211,7 +256,7 @@ class Proxy:
 
         await self.run(job, attempt)
 
-    async def _native_stream(self, job: Job, worker: Worker, upstream: aiohttp.ClientResponse,
+    async def _native_stream(self, job: Job, worker: Worker, upstream: UpstreamResponse,
                              started: float, emit: Callable[[str, dict[str, Any]], None]) -> None:
         ttft: float | None = None
         index = 0
@@ -236,7 +281,7 @@ class Proxy:
                         emit("token", {"index": index, "text": text})
                         index += 1
                     finish = choice.get("finish_reason") or finish
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except UpstreamError as exc:
             if ttft is None:
                 raise UpstreamFailed(f"stream broke before the first byte: {exc}") from None
             self.queen.registry.mark_failed(worker, self.queen.config.health.failures_before_down)
@@ -250,8 +295,16 @@ class Proxy:
                      "usage": job.usage})
 
 
-async def _sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    async for raw in response.content:
-        line = raw.decode("utf-8", "replace").strip()
-        if line.startswith("data:"):
-            yield line[5:].strip()
+async def _sse_lines(response: UpstreamResponse) -> AsyncIterator[str]:
+    """The data of each `data:` line, however the chunks cut the lines."""
+    pending = b""
+    async for chunk in response.chunks():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").strip()
+            if line.startswith("data:"):
+                yield line[5:].strip()
+    line = pending.decode("utf-8", "replace").strip()
+    if line.startswith("data:"):
+        yield line[5:].strip()

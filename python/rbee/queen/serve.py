@@ -10,11 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
-from rbee.queen.app import build_app
+from rbee.queen.app import PROXY, QUEEN, build_app, model_list
 from rbee.queen.config import ConfigError, QueenConfig, WorkerConfig, ModelConfig
 from rbee.queen.core import Queen
+from rbee.queen.wire import WireServer
 
-__all__ = ["run_queen", "start_queen", "stop_queen", "until_signalled"]
+__all__ = ["Listening", "run_queen", "start_queen", "stop_queen", "until_signalled"]
 
 log = logging.getLogger("rbee.queen")
 
@@ -30,9 +31,34 @@ def admin_token(config: QueenConfig) -> str:
     return token
 
 
-async def start_queen(config: QueenConfig, *, demo: bool = False) -> tuple[web.AppRunner, Any]:
+class Listening:
+    """A running queen: the aiohttp application (which owns the queen's
+    life cycle) behind the queen's own server (wire.py) on the socket."""
+
+    def __init__(self, runner: web.AppRunner, wire: WireServer,
+                 addresses: list[tuple[str, int]]) -> None:
+        self.runner = runner
+        self.wire = wire
+        self.addresses = addresses
+
+    @property
+    def app(self) -> web.Application:
+        return self.runner.app
+
+    @property
+    def queen(self) -> Queen:
+        return self.runner.app[QUEEN]
+
+    async def close(self) -> None:
+        # Connections first, so requests in flight release their slots
+        # before the queen stops.
+        await self.wire.close()
+        await self.runner.cleanup()
+
+
+async def start_queen(config: QueenConfig, *, demo: bool = False) -> tuple[Listening, Any]:
     """Starts the queen (and the simulated cluster with `demo`); answers the
-    runner and the demo cluster, for `stop_queen`."""
+    server and the demo cluster, for `stop_queen`."""
     token = admin_token(config)
     if config.mode == "platform" and not token:
         raise ConfigError(f"platform mode manages tenants and keys through admin endpoints: "
@@ -57,32 +83,34 @@ async def start_queen(config: QueenConfig, *, demo: bool = False) -> tuple[web.A
     app = build_app(queen, token)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    assert runner.server is not None
+    wire = WireServer(queen, app[PROXY], runner.server, model_list)
     try:
-        await site.start()
+        addresses = await wire.start(config.host, config.port)
     except OSError as exc:
+        await wire.close()
         await runner.cleanup()
         if cluster is not None:
             await cluster.stop()
         raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
-    return runner, cluster
+    return Listening(runner, wire, addresses), cluster
 
 
-async def stop_queen(runner: web.AppRunner, cluster: Any) -> None:
-    await runner.cleanup()
+async def stop_queen(server: Listening, cluster: Any) -> None:
+    await server.close()
     if cluster is not None:
         await cluster.stop()
 
 
 async def run_queen(config: QueenConfig, *, demo: bool = False) -> None:
-    runner, cluster = await start_queen(config, demo=demo)
+    server, cluster = await start_queen(config, demo=demo)
     label = " with a SIMULATED demo cluster (no real GPUs)" if demo else ""
     log.info("queen-rbee listening on http://%s%s", config.listen, label)
     print(f"queen-rbee listening on http://{config.listen}{label}", flush=True)
     try:
         await until_signalled()
     finally:
-        await stop_queen(runner, cluster)
+        await stop_queen(server, cluster)
 
 
 async def until_signalled() -> None:
