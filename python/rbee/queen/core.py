@@ -151,7 +151,7 @@ class Queen:
             self.metrics.policy_errors.labels(exc.code).inc()
             raise JobError(503, "scheduler_error", f"no policy could decide: {exc}") from None
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
-        self.metrics.decisions.labels(decision.kind).inc()
+        self.metrics.child(self.metrics.decisions, decision.kind).inc()
         if decision.fallback:
             for failure in decision.fallback["failures"]:
                 self.metrics.policy_errors.labels(failure["code"]).inc()
@@ -246,7 +246,7 @@ class Queen:
                 return None
             job.status, job.worker_id = "scheduled", worker.id
             self.registry.acquire(worker)
-            self.metrics.in_flight.labels(worker.id).inc()
+            self.metrics.child(self.metrics.in_flight, worker.id).inc()
             self._dispatched_at.append(time.monotonic())
             self._vclock = max(self._vclock, job.vstart)
             if tenant is not None:
@@ -276,7 +276,7 @@ class Queen:
             tenant.concurrent = max(0, tenant.concurrent - 1)
             tenant.vram_bytes = max(0, tenant.vram_bytes - job.vram_bytes)
         self.registry.release(worker)
-        self.metrics.in_flight.labels(worker.id).dec()
+        self.metrics.child(self.metrics.in_flight, worker.id).dec()
 
     def finish(self, job: Job, seconds: float) -> None:
         """Accounts a finished job to its tenant: tokens and latency."""
@@ -287,8 +287,8 @@ class Queen:
         tokens = usage.get("total_tokens") or (
             usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0))
         self.tenants.record_tokens(tenant, tokens)
-        self.metrics.tenant_tokens.labels(tenant.id).inc(tokens)
-        self.metrics.tenant_seconds.labels(tenant.id).observe(seconds)
+        self.metrics.child(self.metrics.tenant_tokens, tenant.id).inc(tokens)
+        self.metrics.child(self.metrics.tenant_seconds, tenant.id).observe(seconds)
         self.kick()  # freed quota may let queued jobs of this tenant run
 
     def _drop(self, job: Job) -> None:

@@ -7,8 +7,9 @@ servers do not refuse it.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
+
+import orjson
 
 from rbee.queen.jobs import ENDPOINTS, Job
 
@@ -74,8 +75,8 @@ def _tags_header(value: str) -> dict[str, str]:
 
 def decode_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")

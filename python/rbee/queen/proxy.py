@@ -19,6 +19,8 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
+import orjson
+
 from rbee.queen.core import Queen
 from rbee.queen.frontdoor import decode_body, parse_job, RBEE_BODY_FIELDS
 from rbee.queen.jobs import Job, JobError, now_ms
@@ -138,9 +140,9 @@ class Proxy:
                tokens: int, usage: dict[str, Any] | None) -> None:
         elapsed = time.perf_counter() - started
         metrics = self.queen.metrics
-        metrics.upstream_seconds.labels(worker.id).observe(elapsed)
+        metrics.child(metrics.upstream_seconds, worker.id).observe(elapsed)
         if ttft is not None:
-            metrics.upstream_ttft_seconds.labels(worker.id).observe(ttft)
+            metrics.child(metrics.upstream_ttft_seconds, worker.id).observe(ttft)
         if not usage and tokens:
             # No usage from the worker: count what was streamed, and the
             # prompt by its estimate, so quotas still see the job.
@@ -150,9 +152,9 @@ class Proxy:
             job.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
             tokens = usage.get("completion_tokens", tokens) or tokens
             if usage.get("prompt_tokens"):
-                metrics.tokens.labels(worker.id, "prompt").inc(usage["prompt_tokens"])
+                metrics.child(metrics.tokens, worker.id, "prompt").inc(usage["prompt_tokens"])
         if tokens:
-            metrics.tokens.labels(worker.id, "completion").inc(tokens)
+            metrics.child(metrics.tokens, worker.id, "completion").inc(tokens)
         generation = elapsed - (ttft or 0.0)
         self.queen.registry.observe(
             worker, ttft * 1000 if ttft is not None else None, tokens, generation)
@@ -178,7 +180,7 @@ class Proxy:
                 usage = None
                 if upstream.status == 200:
                     try:
-                        usage = json.loads(body).get("usage")
+                        usage = orjson.loads(body).get("usage")
                     except (ValueError, AttributeError):
                         usage = None
                 self._learn(job, worker, started, None if not job.stream else ttft, 0,
