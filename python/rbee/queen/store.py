@@ -9,6 +9,7 @@ WAL mode lets run beside the writer.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import queue
@@ -132,10 +133,14 @@ class Store:
             work = [b for b in batch if b is not _STOP]
             try:
                 conn.execute("BEGIN")
-                for sql, params in work:
-                    conn.execute(sql, params)
+                # Runs of one statement (a job row, a decision row, ...) go in
+                # one executemany; runs keep their order, so writes to one
+                # table still land in the order they were made.
+                for sql, run in itertools.groupby(work, key=lambda w: w[0]):
+                    rows = [params for _, params in run]
+                    conn.executemany(sql, rows)
                     if sql.startswith("INSERT INTO decisions"):
-                        written_decisions += 1
+                        written_decisions += len(rows)
                 # Trim the decision log now and then, not on every insert.
                 if written_decisions >= 256:
                     written_decisions = 0
