@@ -3,6 +3,7 @@ the official openai SDK as the client."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -367,6 +368,28 @@ def test_a_job_that_cannot_run_in_time_ends_with_a_clear_error(harness):
                                    "messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_the_pump_wakes_at_a_deadline_that_comes_before_the_retry_timer(tmp_path):
+    # A job asked to be retried in 20 s but its deadline is in 300 ms: the
+    # pump must plan to look again at the deadline, not at the timer.
+    from rbee.queen.config import parse_config
+    from rbee.queen.core import Queen
+    from rbee.queen.jobs import Job, now_ms
+
+    async def plan() -> tuple[int | None, int]:
+        queen = Queen(parse_config({"state_path": str(tmp_path / "q.db")}))
+        try:
+            job = Job(endpoint="chat.completions", body={}, model="m", deadline_ms=300)
+            job.waiter = asyncio.get_running_loop().create_future()
+            job.wake_at = now_ms() + 20_000
+            queen.queue.append(job)
+            return queen._pump(), job.expires_at
+        finally:
+            queen.store.close()
+
+    next_wake, expires_at = asyncio.run(plan())
+    assert next_wake == expires_at
 
 
 def test_latency_and_speed_are_learned_from_real_responses(harness):

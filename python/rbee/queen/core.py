@@ -196,7 +196,10 @@ class Queen:
         job.status = "queued"
         self.queue.append(job)
         self.metrics.queue_depth.set(len(self.queue))
-        self._pump()
+        # The pump task looks at the queue now and sets its timer from the
+        # new job's deadline too (a direct call here would leave the task
+        # asleep on a timer computed before this job arrived).
+        self._wake.set()
         try:
             return await job.waiter
         except asyncio.CancelledError:
@@ -338,7 +341,7 @@ class Queen:
                     f"last reason: {job.wait_reason or 'none'})"))
                 continue
             if job.wake_at is not None and at < job.wake_at:
-                next_wake = min(next_wake or job.wake_at, job.wake_at)
+                next_wake = _earliest(next_wake, job.wake_at, job.expires_at)
                 continue
             try:
                 worker = self._try(job)
@@ -349,9 +352,7 @@ class Queen:
                 self._drop(job)
                 job.waiter.set_result(worker)
             else:
-                for t in (job.wake_at, job.expires_at):
-                    if t is not None:
-                        next_wake = min(next_wake or t, t)
+                next_wake = _earliest(next_wake, job.wake_at, job.expires_at)
         self.metrics.queue_depth.set(len(self.queue))
         return next_wake
 
@@ -377,3 +378,8 @@ class Queen:
             except Exception:  # a probe must never end the loop
                 log.exception("health probe round failed")
             await asyncio.sleep(health.interval_ms / 1000)
+
+
+def _earliest(*times: int | None) -> int | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
