@@ -13,6 +13,7 @@ from typing import Any, Callable, Coroutine
 
 import httpx
 import openai
+import pytest
 
 from rbee.queen.app import QUEEN
 from rbee.queen.config import parse_config
@@ -22,6 +23,18 @@ from rbee.queen.serve import start_queen, stop_queen
 # Keys of a worker spec that configure the fake server, not the queen.
 FAKE_ONLY = ("ttft_ms", "fake_tokens_per_sec")
 
+try:
+    import uvloop
+except ImportError:  # not on Windows
+    uvloop = None
+
+#: Event loops to run a queen on, for tests parametrized over them.
+LOOPS = [
+    pytest.param(asyncio.new_event_loop, id="asyncio"),
+    pytest.param(getattr(uvloop, "new_event_loop", None), id="uvloop",
+                 marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed")),
+]
+
 
 class QueenHarness:
     def __init__(
@@ -30,12 +43,14 @@ class QueenHarness:
         workers: list[dict[str, Any]],
         config: dict[str, Any] | None = None,
         admin_token: str | None = None,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
     ) -> None:
         self.tmp_path = tmp_path
         self.worker_specs = workers
         self.extra_config = dict(config or {})
         self.admin_token = admin_token
-        self.loop = asyncio.new_event_loop()
+        # `rbee queen` runs on uvloop when it is installed; tests may pick either.
+        self.loop = loop_factory()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.fakes: dict[str, FakeWorker] = {}

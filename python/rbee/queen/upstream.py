@@ -97,7 +97,13 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self.response
         if response is not None:
-            response.status = self.parser.get_status_code()
+            status = self.parser.get_status_code()
+            if 100 <= status < 200 and status != 101:
+                # An interim answer (100 Continue, 103 Early Hints): the final
+                # one follows on the same connection.
+                response.headers.clear()
+                return
+            response.status = status
             response._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -111,7 +117,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         response = self.response
-        if response is not None:
+        if response is not None and response.status:  # not the end of an interim answer
             response.complete = True
             response.keep_alive = self.parser.should_keep_alive()
             response._wake()

@@ -116,6 +116,9 @@ class WireDownstream:
 
     async def send(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.started = True
+        if self.request.keep_alive and not self.request.http11:
+            # An HTTP/1.0 client assumes the connection closes unless told.
+            headers = {**headers, "Connection": "keep-alive"}
         self.connection.write(head(status, headers, len(body), self.request.keep_alive) + body)
 
     async def open_stream(self, status: int, headers: dict[str, str]) -> None:
@@ -159,6 +162,13 @@ class Connection(asyncio.Protocol):
         self._size = 0
         self._refused: _Refuse | None = None
         self._in_message = False
+        self._in_head = False
+        # Bytes of reads that held nothing but the head being parsed (a read
+        # that began with it included); with `_size`, what bounds a head that
+        # grows without end.
+        self._head_bytes = 0
+        # After a refusal the parser is spent: nothing more is read.
+        self._broken = False
         # Where the current request started, while it may still be handed off.
         self._chunk = b""
         self._chunk_starts_message = True
@@ -173,6 +183,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        if self._broken:
+            return
         if self._handing_off:
             assert self._raw is not None
             self._raw += data
@@ -181,8 +193,17 @@ class Connection(asyncio.Protocol):
             self._raw += data
         self._chunk = data
         self._chunk_starts_message = not self._in_message
+        in_head = self._in_head
         try:
             self.parser.feed_data(data)
+            if self._in_head:
+                if in_head or self._raw is not None:  # all of `data` is head
+                    self._head_bytes += len(data)
+                if max(self._size, self._head_bytes) > MAX_HEADER_BYTES:
+                    # Answered now: waiting for the end of the head would
+                    # buffer whatever the client keeps sending.
+                    self._refuse_now(431, f"the request head is larger than "
+                                     f"{MAX_HEADER_BYTES} bytes", "headers_too_large")
         except httptools.HttpParserCallbackError:
             if not self._handing_off:
                 log.exception("the request parser failed")
@@ -217,6 +238,8 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._in_head = True
+        self._head_bytes = 0
         self._url.clear()
         self._headers = []
         self._body = []
@@ -242,6 +265,7 @@ class Connection(asyncio.Protocol):
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         path = b"".join(self._url).partition(b"?")[0]
         method = self.parser.get_method()
         fast = (method == b"POST" and path in _ROUTES) or (method == b"GET" and path == _MODELS)
@@ -274,6 +298,10 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_message = False
         parser = self.parser
+        if parser.should_upgrade():
+            # The parser ended this request at its head (what follows would be
+            # the new protocol): the refusal that follows is its one answer.
+            return
         request = _Request(parser.get_method(), b"".join(self._url).partition(b"?")[0],
                            CIMultiDict(self._headers),
                            self._body[0] if len(self._body) == 1 else b"".join(self._body),
@@ -330,7 +358,9 @@ class Connection(asyncio.Protocol):
                 request.keep_alive = False
                 return
             status, body, headers = _error_answer(exc)
-            if status >= 500:
+            # A refusal, an expired deadline or a worker that failed is an
+            # answer (a JobError, as on aiohttp's route), not the queen failing.
+            if status >= 500 and not isinstance(exc, JobError):
                 log.error("inference request failed", exc_info=exc)
             await downstream.send(status, headers, body)
 
@@ -348,6 +378,15 @@ class Connection(asyncio.Protocol):
         self.closed = True
 
     def _refuse_now(self, status: int, message: str, code: str) -> None:
+        """Answers and closes; after the answers still owed to the requests
+        before this one, which go out first (in request order)."""
+        self._broken = True
+        if self.task is not None or self.pending:
+            self.pending.append(_Request(b"", b"", CIMultiDict(), b"", False, True,
+                                         _Refuse(status, message, code)))
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
                                      "code": code}}).encode()
         self.write(head(status, {"Content-Type": "application/json"}, len(body), False) + body)
