@@ -316,6 +316,33 @@ def test_a_body_over_the_limit_gets_413(harness, monkeypatch):
     assert harness.fakes["fast"].requests == 1
 
 
+def test_a_declared_oversized_body_is_refused_before_it_is_sent(harness, monkeypatch):
+    monkeypatch.setattr(wire, "MAX_BODY_BYTES", 2000)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: queen\r\n"
+            b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    with RawClient(harness.port) as client:
+        client.send(head)  # and no body: the answer must not wait for one
+        reply = client.reply(interim=True)
+        assert_error(reply, 413, "body_too_large", "invalid_request_error")
+        assert client.at_eof()
+    assert harness.fakes["fast"].requests == 0
+
+
+def test_a_request_that_stops_arriving_gets_408(tmp_path, monkeypatch, loop_factory):
+    monkeypatch.setattr(wire, "KEEPALIVE_S", 0.5)
+    monkeypatch.setattr(wire, "REQUEST_STALL_S", 0.3)
+    h = QueenHarness(tmp_path, WORKERS[:2], loop_factory=loop_factory).start()
+    try:
+        with RawClient(h.port) as client:
+            whole = chat()
+            client.send(whole[:len(whole) - 5])  # the last bytes never come
+            assert_error(client.reply(), 408, "request_timeout", "invalid_request_error")
+            assert client.at_eof()
+    finally:
+        h.close()
+
+
 def test_a_head_over_the_limit_gets_431(harness):
     padding = "y" * (wire.MAX_HEADER_BYTES + 1024)
     with RawClient(harness.port) as client:
@@ -349,6 +376,7 @@ def test_a_stream_to_an_http11_client_is_chunked(harness):
         assert reply.headers["transfer-encoding"] == "chunked"
         assert "content-length" not in reply.headers and "connection" not in reply.headers
         assert reply.headers["content-type"] == "text/event-stream"
+        assert reply.headers["x-fake-worker"] == "fast"  # the worker's own headers pass
         assert reply.chunks and all(reply.chunks)
         events = reply.events()
         assert events[-1] == "[DONE]"
@@ -433,6 +461,15 @@ def test_client_leaving_while_queued_takes_the_job_off_the_queue(harness):
 
 
 # -- keep-alive ---------------------------------------------------------------------
+
+def test_the_workers_headers_reach_the_client_but_not_its_framing(harness):
+    with RawClient(harness.port) as client:
+        reply = client.ask("POST", "/v1/chat/completions", chat_body())
+        assert_chat(reply)
+        assert reply.headers["x-fake-worker"] == "fast"
+        assert reply.headers["content-length"] == str(len(reply.body))
+        assert "server" not in reply.headers and "transfer-encoding" not in reply.headers
+
 
 def test_sequential_requests_reuse_one_connection(harness):
     wire_server = harness.runner.wire

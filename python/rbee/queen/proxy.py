@@ -31,8 +31,22 @@ __all__ = ["Downstream", "Proxy", "UpstreamFailed"]
 
 log = logging.getLogger("rbee.queen.proxy")
 
-_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no"}
+_SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache",
+                "x-accel-buffering": "no"}
+
+
+# Headers that describe one connection, or that the queen's server writes
+# itself; every other header of the worker's answer reaches the client (a
+# worker's Retry-After, request ids, rate-limit headers).
+_HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "transfer-encoding", "upgrade", "content-length", "date", "server"))
+
+
+def _end_to_end(headers: dict[str, str]) -> dict[str, str]:
+    # x-rbee-*: a worker that is itself a queen names its worker; ours count.
+    return {k: v for k, v in headers.items()
+            if k not in _HOP_BY_HOP and not k.startswith("x-rbee-")}
 
 
 class UpstreamFailed(Exception):
@@ -186,7 +200,7 @@ class Proxy:
                 self._learn(job, worker, started, None if not job.stream else ttft, 0,
                             usage if isinstance(usage, dict) else None)
                 await downstream.send(upstream.status, {
-                    "Content-Type": upstream.headers.get("content-type", "application/json"),
+                    "content-type": "application/json", **_end_to_end(upstream.headers),
                     "X-Rbee-Worker": worker.id, "X-Rbee-Job": job.id}, body)
                 return upstream.status
 
@@ -200,8 +214,9 @@ class Proxy:
             async for chunk in upstream.chunks():
                 if ttft is None:
                     ttft = time.perf_counter() - started
-                    await downstream.open_stream(200, {**_SSE_HEADERS, "X-Rbee-Worker": worker.id,
-                                                       "X-Rbee-Job": job.id})
+                    await downstream.open_stream(200, {
+                        **_end_to_end(upstream.headers), **_SSE_HEADERS,
+                        "X-Rbee-Worker": worker.id, "X-Rbee-Job": job.id})
                 tokens += chunk.count(b"data:")
                 await downstream.write(chunk)
         except UpstreamError as exc:

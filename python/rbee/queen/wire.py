@@ -45,6 +45,7 @@ _MODELS = b"/v1/models"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as the aiohttp application's client_max_size
 KEEPALIVE_S = 75.0
+REQUEST_STALL_S = 60.0  # a request whose bytes stop coming for this long gets 408
 _PENDING_MAX = 16  # pipelined requests buffered before reading pauses
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
@@ -174,6 +175,8 @@ class Connection(asyncio.Protocol):
         self._chunk_starts_message = True
         self._raw: bytearray | None = None
         self._handing_off = False
+        # A refusal decided inside a parser callback, sent once parsing stops.
+        self._stop: _Refuse | None = None
 
     # -- asyncio -------------------------------------------------------------
 
@@ -205,6 +208,10 @@ class Connection(asyncio.Protocol):
                     self._refuse_now(431, f"the request head is larger than "
                                      f"{MAX_HEADER_BYTES} bytes", "headers_too_large")
         except httptools.HttpParserCallbackError:
+            if self._stop is not None:
+                refusal, self._stop = self._stop, None
+                self._refuse_now(refusal.status, refusal.message, refusal.code)
+                return
             if not self._handing_off:
                 log.exception("the request parser failed")
                 self._refuse_now(500, "the queen failed to read this request; see its log",
@@ -276,9 +283,15 @@ class Connection(asyncio.Protocol):
             self._refused = self._refused or _Refuse(
                 400, "a request for this route cannot be pipelined behind another one on "
                 "this connection; send it on its own connection", "pipelined_request")
-        raw, self._raw = self._raw, None
-        del raw
+        self._raw = None
         self._size = 0
+        length = next((int(v) for n, v in self._headers
+                       if n.lower() == "content-length" and v.strip().isdigit()), 0)
+        if length > MAX_BODY_BYTES and self._refused is None:
+            # Said up front: answer now rather than read and drop the body.
+            self._stop = _Refuse(413, f"the body is larger than {MAX_BODY_BYTES} bytes",
+                                 "body_too_large")
+            raise _HandOff()
         for name, value in self._headers:
             if name.lower() == "expect" and value.lower() == "100-continue" \
                     and self._refused is None and self.transport is not None:
@@ -448,15 +461,22 @@ class WireServer:
                                downstream)
 
     async def _sweep_forever(self) -> None:
-        """Closes keep-alive connections idle for KEEPALIVE_S, without a
-        timer per request."""
+        """Closes keep-alive connections idle for KEEPALIVE_S and answers 408
+        to requests stalled for REQUEST_STALL_S, without a timer per request."""
         while True:
             await asyncio.sleep(KEEPALIVE_S / 5)
-            cutoff = time.monotonic() - KEEPALIVE_S
+            now = time.monotonic()
             for connection in list(self.connections):
-                if connection.task is None and not connection._in_message \
-                        and connection.last_active < cutoff:
-                    connection.close()
+                if connection.task is not None or connection.closed:
+                    continue
+                if not connection._in_message:
+                    if connection.last_active < now - KEEPALIVE_S:
+                        connection.close()
+                elif connection.last_active < now - REQUEST_STALL_S:
+                    # A request that stopped arriving half way holds a socket
+                    # and its buffers for nothing.
+                    connection._refuse_now(408, f"the request stopped arriving for "
+                                           f"{REQUEST_STALL_S:.0f} s", "request_timeout")
 
     async def close(self) -> None:
         """Stops listening and ends every connection; requests in flight are
