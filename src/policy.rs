@@ -391,11 +391,12 @@ impl CompiledPolicy {
         let workers_dyn = if failed.is_empty() {
             state.eligible_dyn.clone()
         } else {
+            let eligible = state.eligible_dyn.read_lock::<Array>();
             freeze_array(
-                state
-                    .eligible
+                eligible
                     .iter()
-                    .filter(|w| text(&field(w, "id")).map_or(true, |id| !failed.contains(&id)))
+                    .flat_map(|a| a.iter())
+                    .filter(|w| text(&field(w, "id")).is_none_or(|id| !failed.contains(&id)))
                     .cloned()
                     .collect(),
             )

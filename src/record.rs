@@ -87,9 +87,15 @@ impl Rec {
     /// A field by name. `estimated_time` is worked out for the job being
     /// scheduled, when there is one (DESIGN 2.2), so it is never stale.
     pub fn get(&self, key: &str) -> Option<Dynamic> {
-        if let Some(slot) = hot_slot(key) {
-            return self.slot(slot).cloned();
+        match hot_slot(key) {
+            Some(slot) => self.slot(slot).cloned(),
+            None => self.get_cold(key),
         }
+    }
+
+    /// A field that is not a hot one (the caller knows), without looking
+    /// for it among them.
+    pub fn get_cold(&self, key: &str) -> Option<Dynamic> {
         if key == ESTIMATE {
             if let Some(e) = self.estimate() {
                 return Some(e);

@@ -43,10 +43,11 @@ pub fn field(value: &Dynamic, key: &str) -> Dynamic {
 }
 
 pub fn num(value: &Dynamic) -> Option<FLOAT> {
-    if let Ok(i) = value.as_int() {
-        Some(i as FLOAT)
-    } else {
+    // Asking the type first: a failed `as_int` works out a type name.
+    if value.is_float() {
         value.as_float().ok()
+    } else {
+        value.as_int().ok().map(|i| i as FLOAT)
     }
 }
 
@@ -74,17 +75,18 @@ pub struct StateData {
     /// Model id and every alias -> position in `models`.
     pub model_index: HashMap<String, usize>,
     pub tenant_index: HashMap<String, Dynamic>,
-    // Derived arrays, rebuilt after every change so decisions only clone handles.
+    // The arrays handed to scripts, kept up to date with every change so a
+    // decision only clones handles. The worker arrays are edited in place
+    // (see `edit_frozen`); the other sections are rebuilt when replaced.
+    /// Every worker, in id order.
     pub all_workers_dyn: Dynamic,
-    pub eligible: Vec<Dynamic>,
+    /// The `ready` and `busy` workers, in id order.
     pub eligible_dyn: Dynamic,
     pub pools_dyn: Dynamic,
     pub gpus_dyn: Dynamic,
     pub models_dyn: Dynamic,
     pub tenants_dyn: Dynamic,
     pub queue_dyn: Dynamic,
-    /// Workers changed since the worker arrays were last built.
-    pub workers_dirty: bool,
 }
 
 fn sort_by_id(items: &mut [Map]) {
@@ -105,22 +107,22 @@ fn required_id(map: &Map, path: &str) -> Result<ImmutableString, ConvertError> {
     }
 }
 
+/// A count: an integer, or a whole float (`2.0`, as some JSON encoders write
+/// counts), whose value is kept instead of being replaced by a default.
+fn whole(value: &Dynamic) -> Option<INT> {
+    value.as_int().ok().or_else(|| {
+        value.as_float().ok().filter(|f| f.fract() == 0.0 && f.abs() < 1e15).map(|f| f as INT)
+    })
+}
+
 /// Fills the derived worker fields: `status` defaults to ready, `active` to 0,
 /// `slots` to 1, and `load` is `active / slots`.
 pub fn normalise_worker(map: &mut Map) {
-    if !map.get("status").map_or(false, |s| s.is_string()) {
+    if !map.get("status").is_some_and(|s| s.is_string()) {
         map.insert("status".into(), "ready".into());
     }
-    // Counts may arrive as whole floats (`2.0`, as some JSON encoders write
-    // them): keep their value instead of replacing it with the default.
-    let count = |v: Option<&Dynamic>| {
-        let v = v?;
-        v.as_int().ok().or_else(|| {
-            v.as_float().ok().filter(|f| f.fract() == 0.0 && f.abs() < 1e15).map(|f| f as INT)
-        })
-    };
-    let active = count(map.get("active")).unwrap_or(0);
-    let slots = count(map.get("slots")).unwrap_or(1);
+    let active = map.get("active").and_then(whole).unwrap_or(0);
+    let slots = map.get("slots").and_then(whole).unwrap_or(1);
     map.insert("active".into(), Dynamic::from_int(active));
     map.insert("slots".into(), Dynamic::from_int(slots));
     if !map.contains_key("load") {
@@ -189,7 +191,7 @@ impl StateData {
         state.set_pools_and_gpus(pools, gpus)?;
         state.set_models(models)?;
         state.set_tenants(tenants)?;
-        state.queue = queue.into_iter().map(|q| record(q)).collect();
+        state.queue = queue.into_iter().map(record).collect();
         state.rebuild();
         Ok(state)
     }
@@ -215,7 +217,7 @@ impl StateData {
         }
         all_gpus.extend(top_gpus.iter().cloned().map(|g| ("state.gpus".to_string(), g)));
         self.top_gpus = top_gpus;
-        self.pools = pools.into_iter().map(|p| record(p)).collect();
+        self.pools = pools.into_iter().map(record).collect();
         self.gpus.clear();
         self.gpu_index.clear();
         for (path, mut g) in all_gpus {
@@ -256,7 +258,7 @@ impl StateData {
                 }
             }
         }
-        self.models = models.into_iter().map(|m| record(m)).collect();
+        self.models = models.into_iter().map(record).collect();
         Ok(())
     }
 
@@ -279,15 +281,13 @@ impl StateData {
         self.rebuild_sections();
     }
 
-    /// The worker arrays, which change with every slot taken or freed: they
-    /// are rebuilt once before the next decision, not after every update
-    /// (`State::snapshot`), so a burst of updates costs one pass.
+    /// Builds the worker arrays from scratch: O(workers), so only when the
+    /// state is built; changes to single workers edit them (`put_worker`).
     pub fn rebuild_workers(&mut self) {
         let all: Array = self.workers.iter().map(|(_, w)| w.clone()).collect();
-        self.eligible = all.iter().filter(|w| is_eligible(&field(w, "status"))).cloned().collect();
+        let eligible = all.iter().filter(|w| is_eligible(&field(w, "status"))).cloned().collect();
         self.all_workers_dyn = freeze_array(all);
-        self.eligible_dyn = freeze_array(self.eligible.clone());
-        self.workers_dirty = false;
+        self.eligible_dyn = freeze_array(eligible);
     }
 
     pub fn rebuild_sections(&mut self) {
@@ -327,25 +327,173 @@ impl StateData {
     pub fn upsert_worker(&mut self, mut map: Map) -> Result<(), ConvertError> {
         let id = required_id(&map, "worker")?;
         normalise_worker(&mut map);
-        let value = record(map);
-        match self.workers.binary_search_by(|(wid, _)| wid.cmp(&id)) {
-            Ok(i) => self.workers[i].1 = value,
-            Err(i) => self.workers.insert(i, (id, value)),
-        }
-        self.workers_dirty = true;
+        self.put_worker(id, map);
         Ok(())
     }
 
+    /// Merges `fields` (checked by `check_update`) into the worker `id`, and
+    /// normalises the result as `upsert_worker` does. A change of `active` or
+    /// `slots` without a `load` recomputes the load. `None`: no such worker.
+    pub fn update_worker(&mut self, id: &str, fields: Map) -> Option<()> {
+        let i = self.workers.binary_search_by(|(wid, _)| wid.as_str().cmp(id)).ok()?;
+        let (id, old) = &self.workers[i];
+        let mut map = old.read_lock::<Rec>().map(|r| r.map().clone()).unwrap_or_default();
+        let derived_load = !fields.contains_key("load")
+            && (fields.contains_key("active") || fields.contains_key("slots"));
+        map.extend(fields);
+        if derived_load {
+            map.remove("load");
+        }
+        normalise_worker(&mut map);
+        self.put_worker(id.clone(), map);
+        Some(())
+    }
+
     pub fn remove_worker(&mut self, id: &str) -> bool {
-        match self.workers.binary_search_by(|(wid, _)| wid.as_str().cmp(id)) {
+        let Ok(i) = self.workers.binary_search_by(|(wid, _)| wid.as_str().cmp(id)) else {
+            return false;
+        };
+        let (id, old) = self.workers.remove(i);
+        let was_eligible = is_eligible(&field(&old, "status"));
+        self.sync_arrays(i, &id, None, was_eligible, false);
+        true
+    }
+
+    /// Stores a normalised worker in place of the one with the same id, or
+    /// adds it at its place in id order.
+    fn put_worker(&mut self, id: ImmutableString, map: Map) {
+        let value = record(map);
+        match self.workers.binary_search_by(|(wid, _)| wid.cmp(&id)) {
             Ok(i) => {
-                let _removed = self.workers.remove(i);
-                self.workers_dirty = true;
-                true
+                let old = std::mem::replace(&mut self.workers[i].1, value.clone());
+                let was_eligible = is_eligible(&field(&old, "status"));
+                self.sync_arrays(i, &id, Some(value), was_eligible, true);
             }
-            Err(_) => false,
+            Err(i) => {
+                self.workers.insert(i, (id.clone(), value.clone()));
+                self.sync_arrays(i, &id, Some(value), false, false);
+            }
         }
     }
+
+    /// Brings the worker arrays in line with one change to `workers`: the
+    /// worker at `index` was replaced (`existed`), added, or removed (`value`
+    /// is `None`). The eligible array holds a worker at its place in id order
+    /// while its status is `ready` or `busy`, so a change of status moves it
+    /// in or out. Each edit is O(1) for a replacement and a move of handles
+    /// for an insertion or a removal; should an array not match `workers`
+    /// (never expected), both are rebuilt instead.
+    fn sync_arrays(
+        &mut self,
+        index: usize,
+        id: &str,
+        value: Option<Dynamic>,
+        was_eligible: bool,
+        existed: bool,
+    ) {
+        let expected = self.workers.len();
+        let consistent = edit_frozen(&mut self.all_workers_dyn, |all| {
+            match (&value, existed) {
+                (Some(v), true) if index < all.len() && record_id(&all[index]) == id => {
+                    all[index] = frozen(v)
+                }
+                (Some(v), false) if index <= all.len() => all.insert(index, frozen(v)),
+                (None, _) if index < all.len() && record_id(&all[index]) == id => {
+                    drop(all.remove(index))
+                }
+                _ => return false,
+            }
+            all.len() == expected
+        });
+        let eligible = value.as_ref().filter(|v| is_eligible(&field(v, "status")));
+        let consistent = consistent
+            && ((!was_eligible && eligible.is_none())
+                || edit_frozen(&mut self.eligible_dyn, |items| {
+                    match (items.binary_search_by(|w| record_id(w).as_str().cmp(id)), eligible) {
+                        (Ok(at), Some(v)) => items[at] = frozen(v),
+                        (Err(at), Some(v)) => items.insert(at, frozen(v)),
+                        (Ok(at), None) => drop(items.remove(at)),
+                        (Err(_), None) => {}
+                    }
+                    true
+                }));
+        if !consistent {
+            self.rebuild_workers();
+        }
+    }
+}
+
+/// The id of a record; empty for anything else.
+fn record_id(value: &Dynamic) -> ImmutableString {
+    value
+        .read_lock::<Rec>()
+        .and_then(|r| r.slot(crate::record::ID).and_then(text))
+        .unwrap_or_default()
+}
+
+/// Changes a frozen array; what `edit` puts in must be read-only (`frozen`).
+/// When nothing else holds the array, it is changed where it is, without a
+/// copy; when a decision still holds it (its snapshot of the state), a copy
+/// is changed and the decision keeps seeing what it started with. Answers
+/// what `edit` answers (whether the array was as expected), or `false` for
+/// a handle that holds no array.
+fn edit_frozen(handle: &mut Dynamic, edit: impl FnOnce(&mut Array) -> bool) -> bool {
+    // `flatten` takes the array out of its shared cell when this handle is
+    // the only one, still read-only, elements included; otherwise it copies
+    // it, and a copy is read-write (Rhai's `clone`), so it must be frozen
+    // again, element by element. Doing that on every edit would be O(workers).
+    let mut array = std::mem::take(handle).flatten();
+    let copied = !array.is_read_only();
+    let ok = match array.write_lock::<Array>() {
+        Some(mut items) => edit(&mut items),
+        None => false,
+    };
+    *handle = if copied { array.into_read_only() } else { array }.into_shared();
+    ok
+}
+
+/// A read-only handle to a record, to put in a frozen array: a clone is
+/// read-write, and a script could assign to it in place.
+fn frozen(value: &Dynamic) -> Dynamic {
+    value.clone().into_read_only()
+}
+
+/// What `update_worker` may not get wrong: the fields it normalises must have
+/// the types a worker's fields have, and the id cannot change.
+pub fn check_update(id: &str, fields: &Map) -> Result<(), ConvertError> {
+    for (key, value) in fields {
+        let expected = match key.as_str() {
+            "id" if text(value).as_deref() == Some(id) => continue,
+            "id" => "no other id (an id cannot change: remove the worker, upsert the new one)",
+            "status" if value.is_string() => continue,
+            "status" => "a string",
+            "active" | "slots" if whole(value).is_some() => continue,
+            "active" | "slots" => "a whole number",
+            "load" if value.is_int() || value.is_float() => continue,
+            "load" => "a number",
+            _ => continue,
+        };
+        return Err(ConvertError {
+            path: format!("worker['{id}'].{key}"),
+            message: format!("expected {expected}, got {}", python_repr(value)),
+        });
+    }
+    Ok(())
+}
+
+/// A value for an error message, with the name of its Python type.
+fn python_repr(value: &Dynamic) -> String {
+    let (shown, kind) = match value.type_name() {
+        "()" => ("None".to_string(), "NoneType"),
+        "bool" => (if value.as_bool().unwrap_or(false) { "True" } else { "False" }.into(), "bool"),
+        "string" => (format!("{value:?}"), "str"),
+        "i64" => (value.to_string(), "int"),
+        "f64" => (value.to_string(), "float"),
+        "array" => ("[...]".into(), "list"),
+        "map" => ("{...}".into(), "dict"),
+        other => (value.to_string(), other),
+    };
+    format!("{shown} ({kind})")
 }
 
 /// The Python `State`: a snapshot converted once, updated incrementally.
@@ -360,11 +508,7 @@ pub struct State {
 
 impl State {
     pub fn snapshot(&self) -> Arc<StateData> {
-        let mut guard = self.data.lock().unwrap();
-        if guard.workers_dirty {
-            Arc::make_mut(&mut guard).rebuild_workers();
-        }
-        guard.clone()
+        self.data.lock().unwrap().clone()
     }
 
     fn update<T>(&self, f: impl FnOnce(&mut StateData) -> T) -> T {
@@ -375,7 +519,7 @@ impl State {
 
 fn dict_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyDict>> {
     obj.cast::<PyDict>()
-        .map(|d| d.clone())
+        .cloned()
         .map_err(|_| PyTypeError::new_err(format!("{what} must be a dict")))
 }
 
@@ -402,6 +546,24 @@ impl State {
         let map = dict_to_map(&dict_arg(worker, "worker")?, &mut path, 0)
             .map_err(|e| conversion_error(py, &e))?;
         self.update(|s| s.upsert_worker(map)).map_err(|e| conversion_error(py, &e))
+    }
+
+    /// Changes some fields of a worker: `fields` are merged into what it has
+    /// (see `StateData::update_worker`); KeyError when no worker has that id.
+    fn update_worker(
+        &self,
+        py: Python<'_>,
+        worker_id: &str,
+        fields: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let mut path = format!("worker['{worker_id}']");
+        let map = dict_to_map(&dict_arg(fields, "fields")?, &mut path, 0)
+            .and_then(|m| check_update(worker_id, &m).map(|()| m))
+            .map_err(|e| conversion_error(py, &e))?;
+        match self.update(|s| s.update_worker(worker_id, map)) {
+            Some(()) => Ok(()),
+            None => Err(PyKeyError::new_err(format!("no worker with id '{worker_id}'"))),
+        }
     }
 
     /// Removes a worker; KeyError when no worker has that id.

@@ -521,6 +521,9 @@ CLOSURES = [
     "distance(lat, lon, w.geo.latitude, w.geo.longitude)", "w.missing", "w.missing == ()",
     "w.geo.latitude", "w.nope.deeper", "w.gpus == true", "w.gpus * w.gpus",
     "w.cost_per_token == 1.0", "w.gpus * 2 > 3", "w.name + \"!\"", "w.id", "true", "()",
+    # Captured records and paths that lead nowhere (the values are read once per pass).
+    "w.gpus >= first.gpus", "w.estimated_time <= first.estimated_time",
+    "w.cost_per_token < job.nothing.deeper", "first.missing == w.missing", "last.name == w.name",
 ]
 
 HELPERS = ["filter", "min_by", "max_by", "count", "sum_by", "avg_by", "weighted_random",
@@ -535,6 +538,7 @@ fn show(r) {{
 }}
 fn schedule_job(job, pools, workers) {{
     let lat = 52.37; let lon = 4.9; let limit = 100;
+    let first = workers[0]; let last = workers[-1];
     log(#{{v: show(workers.{helper}({closure}))}}.to_json());
     ()
 }}"""

@@ -17,6 +17,17 @@ class State:
     def __init__(self, snapshot: dict[str, Any] | None = None) -> None: ...
     def upsert_worker(self, worker: dict[str, Any]) -> None:
         """Adds a worker or replaces the one with the same id."""
+    def update_worker(self, worker_id: str, fields: dict[str, Any]) -> None:
+        """Merges ``fields`` into the worker ``worker_id``, without sending
+        the whole worker again: the result is what ``upsert_worker`` of the
+        merged dict gives, except that a change of ``active`` or ``slots``
+        without a ``load`` recomputes ``load`` = active / slots.
+
+        KeyError when no worker has that id. ``ValueConversionError`` (a
+        ``TypeError``), naming the field, when a value cannot be converted or
+        ``status`` is not a string, ``active``/``slots`` not whole numbers,
+        ``load`` not a number, or ``id`` differs from ``worker_id``.
+        """
     def remove_worker(self, worker_id: str) -> None:
         """Removes a worker; KeyError when there is none with that id."""
     def replace(self, section: str, items: list[dict[str, Any]]) -> None:

@@ -177,7 +177,7 @@ impl<'a> Caller<'a> {
         let with_index = arity.map_or(false, |n| n == f.curry().len() + 2);
         // A compiled closure takes the item as its last parameter; one that
         // also takes the index (`|w, i|`) must run through Rhai.
-        let native = if with_index { None } else { native };
+        let native = if with_index { None } else { native.map(|n| n.bind(f.curry())) };
         Caller { ctx, f, native, with_index, native_calls: 0 }
     }
 

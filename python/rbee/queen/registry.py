@@ -186,15 +186,30 @@ class Registry:
         self.state.upsert_worker(worker.snapshot())
         self.on_change()
 
+    def _publish_slots(self, worker: Worker) -> None:
+        """Publishes what taking or freeing a slot changes (and what
+        `observe` learned) without converting the whole worker again; the
+        engine works out `load`. A worker the state does not hold gets all
+        of it, as `_publish` would."""
+        fields = {"active": worker.active, "status": worker.status,
+                  "last_used_at": worker.last_used_at, "latency_ms": worker.latency_ms,
+                  "tokens_per_sec": worker.tokens_per_sec}
+        try:
+            self.state.update_worker(
+                worker.id, {k: v for k, v in fields.items() if v is not None})
+        except KeyError:
+            self.state.upsert_worker(worker.snapshot())
+        self.on_change()
+
     def acquire(self, worker: Worker) -> None:
         worker.active += 1
         worker.last_used_at = _now_ms()
-        self._publish(worker)
+        self._publish_slots(worker)
 
     def release(self, worker: Worker) -> None:
         worker.active = max(0, worker.active - 1)
         if worker.id in self.workers:
-            self._publish(worker)
+            self._publish_slots(worker)
 
     def observe(self, worker: Worker, ttft_ms: float | None, tokens: int, gen_s: float) -> None:
         """Learns from a finished response: time to first token, and speed

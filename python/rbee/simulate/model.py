@@ -298,14 +298,17 @@ class Simulation:
 
     def _flush(self) -> None:
         """Publishes the workers that changed since the last decision, once
-        each, however many times they changed."""
-        upsert = self.state.upsert_worker
+        each, however many times they changed. Only the fields a slot taken
+        or freed changes are sent; the engine works out ``load`` from them."""
+        update = self.state.update_worker
         for worker in self._dirty.values():
             snap = worker.snap
-            snap["active"] = worker.active
-            snap["load"] = worker.active / worker.slots
-            snap["status"] = "busy" if worker.active >= worker.slots else "ready"
-            upsert(snap)
+            active = snap["active"] = worker.active
+            snap["load"] = active / worker.slots
+            status = snap["status"] = "busy" if active >= worker.slots else "ready"
+            # Every changed worker was dispatched to, so it has a last use.
+            update(worker.id, {"active": active, "status": status,
+                               "last_used_at": snap["last_used_at"]})
         self._dirty.clear()
 
     def _enqueue(self, job: JobRecord) -> None:
