@@ -147,8 +147,9 @@ def measure_upsert(snapshot: dict, workers: list[dict], iterations: int,
         start = clock()
         state.upsert_worker(w)
         samples.append(clock() - start)
-        # The worker arrays are rebuilt once, before the next decision; len()
-        # takes that snapshot, so this is the deferred part of the update.
+        # len() takes the snapshot the next decision would take: what an
+        # update leaves for later. It used to be a rebuild of the worker
+        # arrays; the update now edits them itself.
         start = clock()
         len(state)
         rebuilds.append(clock() - start)
@@ -403,12 +404,12 @@ def print_report(info: dict, results: dict[int, dict], breakdown: dict[int, dict
     print()
     print("State updates, microseconds (conversion in milliseconds)")
     print(f"{'workers':>8}{'State(snapshot) ms':>20}{'upsert p50':>12}{'upsert p99':>12}"
-          f"{'rebuild p50':>13}{'rebuild p99':>13}")
+          f"{'snapshot p50':>14}{'snapshot p99':>14}")
     for n, r in results.items():
         u = r["upsert_us"]
         print(f"{n:>8,}{r['state_conversion']['median_ms']:>20.3f}"
               f"{u['p50']:>12.1f}{u['p99']:>12.1f}"
-              f"{u['rebuild']['p50']:>13.1f}{u['rebuild']['p99']:>13.1f}")
+              f"{u['rebuild']['p50']:>14.1f}{u['rebuild']['p99']:>14.1f}")
     print()
     if breakdown:
         print("Where the time goes: p50 of isolating probes, microseconds")
