@@ -204,7 +204,7 @@ def record(job: Job, at: int, policy: Policy, state: State) -> dict:
 def test_decision_records_replay_at_their_own_time(files, tmp_path):
     state = State(STATE)
     recorder = Policy.from_source(ROUND_ROBIN)
-    jobs = [Job(endpoint="chat.completions", body={}, model=EIGHT_B, id=f"d{i}",
+    jobs = [Job(endpoint="chat.completions", model=EIGHT_B, id=f"d{i}",
                 created_at=900 + i, max_tokens=16) for i in range(3)]
     records = [record(job, 1000 + i, recorder, state) for i, job in enumerate(jobs)]
     trace = write_jsonl(tmp_path / "decisions.jsonl", records)

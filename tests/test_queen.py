@@ -380,7 +380,7 @@ def test_the_pump_wakes_at_a_deadline_that_comes_before_the_retry_timer(tmp_path
     async def plan() -> tuple[int | None, int]:
         queen = Queen(parse_config({"state_path": str(tmp_path / "q.db")}))
         try:
-            job = Job(endpoint="chat.completions", body={}, model="m", deadline_ms=300)
+            job = Job(endpoint="chat.completions", model="m", deadline_ms=300)
             job.waiter = asyncio.get_running_loop().create_future()
             job.wake_at = now_ms() + 20_000
             queen.queue.append(job)

@@ -249,8 +249,10 @@ def _find_job(request: web.Request) -> dict[str, Any]:
     # A tenant sees only its own jobs; others' look like they do not exist.
     if TENANT in request and record.get("tenant_id") != request[TENANT].id:
         raise web.HTTPNotFound(reason=f"no job {job_id}")
-    record["decisions"] = queen.store.decisions(limit=20, job_id=job_id) if job is None else [
-        d for d in queen.decisions if d["job_id"] == job_id]
+    # Its newest decisions (a queued job is decided again on every look), oldest first.
+    recent = queen.store.decisions(limit=20, job_id=job_id) if job is None else \
+        queen.decisions.newest(20, job_id)
+    record["decisions"] = recent[::-1]
     return record
 
 
@@ -431,7 +433,7 @@ async def _preview_replay(request: web.Request, body: dict[str, Any]) -> web.Res
     source, fmt = _policy_body(body)
     state = _preview_state(body)
     queen = request.app[QUEEN]
-    records = list(queen.decisions)[-count:]
+    records = queen.decisions.last(count)
     try:
         answer = await queen.policies.replay(records, source, fmt, state)
     except PolicyError as exc:
@@ -468,8 +470,7 @@ async def list_decisions(request: web.Request) -> web.Response:
     except ValueError:
         raise BadRequest("'limit' must be an integer", "limit") from None
     job_id = request.query.get("job_id")
-    items = [d for d in reversed(queen.decisions) if job_id is None or d["job_id"] == job_id]
-    return web.json_response({"decisions": items[:limit]})
+    return web.json_response({"decisions": queen.decisions.newest(limit, job_id)})
 
 
 # -- tenants (platform mode, admin) ---------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 from rbee.errors import PolicyError
 from rbee.queen.config import QueenConfig
+from rbee.queen.decisionlog import DecisionLog
 from rbee.queen.jobs import Job, JobError, now_ms, priority_class
 from rbee.queen.metrics import Metrics
 from rbee.queen.policies import PolicyManager
@@ -71,9 +72,7 @@ class Queen:
             limits=config.limits.as_dict() or None,
         )
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
-        self.decisions: collections.deque[dict[str, Any]] = collections.deque(
-            maxlen=config.decision_log_size
-        )
+        self.decisions = DecisionLog(config.decision_log_size)
         self._tasks: list[asyncio.Task] = []
 
     # -- life cycle ----------------------------------------------------------
@@ -118,7 +117,7 @@ class Queen:
                     if isinstance(w.attrs.get("geo"), dict)), None) or \
             {"region": "EU", "country": "NL", "latitude": 52.37, "longitude": 4.9}
         tenant = self.config.tenants[0].id if self.config.tenants else None
-        common = dict(body={}, max_tokens=64, deadline_ms=60_000, tenant_id=tenant,
+        common = dict(max_tokens=64, deadline_ms=60_000, tenant_id=tenant,
                       session_id="sample-session", user={"id": "sample-user", "geo": geo})
         jobs, seen = [], set()
         for worker in self.registry.workers.values():
@@ -160,8 +159,7 @@ class Queen:
             "at": at, "job_id": job.id, "policy_version": self.policies.version,
             **decision.to_dict(), "job": script_job,
         }
-        self.decisions.append(record)
-        self.store.add_decision(record)
+        self.store.add_decision(record, self.decisions.append(record))
         return decision
 
     def kick(self) -> None:

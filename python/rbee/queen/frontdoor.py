@@ -160,7 +160,6 @@ def parse_job(
     payload = body.get("messages") or body.get("prompt") or body.get("input") or ""
     return Job(
         endpoint=endpoint,
-        body=body,
         model=model,
         type=ENDPOINTS[endpoint][1],
         priority=priority,

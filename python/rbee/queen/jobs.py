@@ -83,10 +83,11 @@ class JobError(Exception):
         return {"Retry-After": str(max(1, -(-(self.retry_after_ms or 1000) // 1000)))}
 
 
-@dataclass(eq=False)
+# slots: ten thousand recent jobs are kept, and attribute reads are on the
+# request path.
+@dataclass(eq=False, slots=True)
 class Job:
     endpoint: str
-    body: dict[str, Any]
     model: str | None = None
     type: str = "text-gen"
     priority: str = "normal"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -102,8 +103,33 @@ async def stop_queen(server: Listening, cluster: Any) -> None:
         await cluster.stop()
 
 
+# The youngest generation is collected after this many more allocations than
+# frees of tracked objects (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Garbage collection for a long-running server, once it has started.
+
+    What start-up made (modules, configuration, the compiled policy) lives
+    as long as the process, so it is frozen out of every later collection.
+    At CPython's default threshold a collection runs every few requests
+    under load, while the objects of the 32 requests in flight are alive:
+    each is walked, moved to an older generation and walked again there.
+    With a higher threshold most of a request's objects are freed by their
+    reference counts before a collection sees them. The price is up to that
+    many objects in unreachable cycles waiting for collection: a few MB.
+    docs/benchmarks.md ("Proxy overhead") has the figures.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def run_queen(config: QueenConfig, *, demo: bool = False) -> None:
     server, cluster = await start_queen(config, demo=demo)
+    tune_gc()
     label = " with a SIMULATED demo cluster (no real GPUs)" if demo else ""
     log.info("queen-rbee listening on http://%s%s", config.listen, label)
     print(f"queen-rbee listening on http://{config.listen}{label}", flush=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -42,7 +41,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     record      TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS decisions (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- Not AUTOINCREMENT: the newest row is never deleted, so a seq is never
+    -- reused, and AUTOINCREMENT costs a write of sqlite_sequence per row.
+    seq         INTEGER PRIMARY KEY,
     job_id      TEXT NOT NULL,
     at          REAL NOT NULL,
     record      TEXT NOT NULL
@@ -71,7 +72,7 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 """
 
-_STOP = object()
+_INSERT_DECISION = "INSERT INTO decisions (job_id, at, record) VALUES (?, ?, ?)"
 # How long the writer waits after the first write of a batch for more.
 _BATCH_WINDOW_S = 0.02
 
@@ -90,11 +91,17 @@ class Store:
         self.decision_log_size = decision_log_size
         self._read = self._connect()
         self._read.executescript(_SCHEMA)
-        self._writes: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._pending = 0
+        # Writes wait in a list until the writer takes the whole list. A
+        # write costs the request path an append under an uncontended lock;
+        # only the first write of a batch wakes the writer thread.
         self._lock = threading.Lock()
+        self._buffer: list[tuple[str, tuple]] = []
+        self._wake = threading.Event()
+        self._submitted = 0
+        self._written = 0
+        self._written_changed = threading.Condition()
+        self._hurry = False
+        self._stopping = False
         self._thread = threading.Thread(target=self._writer, name="rbee-store", daemon=True)
         self._thread.start()
 
@@ -107,70 +114,88 @@ class Store:
 
     # -- writing -------------------------------------------------------------
 
-    def _submit(self, sql: str, params: Iterable[Any]) -> None:
+    def _submit(self, sql: str, params: tuple) -> None:
         with self._lock:
-            self._pending += 1
-            self._idle.clear()
-        self._writes.put((sql, tuple(params)))
+            first = not self._buffer
+            self._buffer.append((sql, params))
+            self._submitted += 1
+        if first:
+            self._wake.set()
 
     def _writer(self) -> None:
         conn = self._connect()
         written_decisions = 0
         while True:
-            item = self._writes.get()
+            if not self._stopping:
+                self._wake.wait()
             # Gather what arrives in the next moment into the same transaction:
-            # one commit per request woke this thread (and took the GIL from
-            # the event loop) for every request.
-            if item is not _STOP:
+            # a commit per request would wake this thread (and take the GIL
+            # from the event loop) for every request.
+            if not (self._hurry or self._stopping):
                 time.sleep(_BATCH_WINDOW_S)
-            batch = [item]
-            while True:
-                try:
-                    batch.append(self._writes.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(b is _STOP for b in batch)
-            work = [b for b in batch if b is not _STOP]
-            try:
-                conn.execute("BEGIN")
-                # Runs of one statement (a job row, a decision row, ...) go in
-                # one executemany; runs keep their order, so writes to one
-                # table still land in the order they were made.
-                for sql, run in itertools.groupby(work, key=lambda w: w[0]):
-                    rows = [params for _, params in run]
-                    conn.executemany(sql, rows)
-                    if sql.startswith("INSERT INTO decisions"):
-                        written_decisions += len(rows)
-                # Trim the decision log now and then, not on every insert.
-                if written_decisions >= 256:
-                    written_decisions = 0
-                    conn.execute(
-                        "DELETE FROM decisions WHERE seq <= "
-                        "(SELECT MAX(seq) FROM decisions) - ?",
-                        (self.decision_log_size,),
-                    )
-                conn.execute("COMMIT")
-            except sqlite3.Error:
-                log.exception("store: a batch of %d writes failed", len(work))
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             with self._lock:
-                self._pending -= len(work)
-                if self._pending == 0:
-                    self._idle.set()
+                work, self._buffer = self._buffer, []
+                self._wake.clear()
+                stop = self._stopping and not work
             if stop:
                 conn.close()
                 return
+            if work:
+                written_decisions = self._write(conn, work, written_decisions)
+            with self._written_changed:
+                self._written += len(work)
+                self._written_changed.notify_all()
+
+    def _write(self, conn: sqlite3.Connection, work: list[tuple[str, tuple]],
+               written_decisions: int) -> int:
+        """One transaction; answers the decisions written since the last trim."""
+        try:
+            conn.execute("BEGIN")
+            # Runs of one statement (a job row, a decision row, ...) go in
+            # one executemany; runs keep their order, so writes to one
+            # table still land in the order they were made.
+            for sql, run in itertools.groupby(work, key=lambda w: w[0]):
+                rows = [params for _, params in run]
+                conn.executemany(sql, rows)
+                if sql == _INSERT_DECISION:
+                    written_decisions += len(rows)
+            # Trim the decision log now and then, not on every insert.
+            if written_decisions >= 256:
+                written_decisions = 0
+                conn.execute(
+                    "DELETE FROM decisions WHERE seq <= "
+                    "(SELECT MAX(seq) FROM decisions) - ?",
+                    (self.decision_log_size,),
+                )
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            log.exception("store: a batch of %d writes failed", len(work))
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        return written_decisions
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Waits until every write handed over so far is committed."""
-        return self._idle.wait(timeout)
+        """Waits until every write handed over so far is committed (or
+        failed and logged); False when that took longer than `timeout`."""
+        with self._lock:
+            target = self._submitted
+        with self._written_changed:
+            if self._written >= target:
+                return True
+            self._hurry = True
+            self._wake.set()
+            try:
+                return self._written_changed.wait_for(
+                    lambda: self._written >= target, timeout)
+            finally:
+                self._hurry = False
 
     def close(self) -> None:
         self.flush()
-        self._writes.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         self._thread.join(timeout=10)
         self._read.close()
 
@@ -245,10 +270,12 @@ class Store:
         row = self._read.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def add_decision(self, record: dict[str, Any]) -> None:
+    def add_decision(self, record: dict[str, Any], encoded: bytes | None = None) -> None:
+        """Logs a decision; `encoded` is its JSON when the caller has it."""
+        text = encoded.decode() if encoded is not None else _dumps(record)
         self._submit(
-            "INSERT INTO decisions (job_id, at, record) VALUES (?, ?, ?)",
-            (record.get("job_id", ""), record.get("at", time.time()), _dumps(record)),
+            _INSERT_DECISION,
+            (record.get("job_id", ""), record.get("at", time.time()), text),
         )
 
     def decisions(self, limit: int = 100, job_id: str | None = None) -> list[dict[str, Any]]:
