@@ -88,10 +88,10 @@ class TimedSimulation(Simulation):
         decide = self.scheduler.decide
         clock = time.perf_counter
 
-        def timed_decide(job: Any, state: Any, *, now_ms: int | None = None) -> Any:
+        def timed_decide(job: Any, state: Any, **options: Any) -> Any:
             started = clock()
             try:
-                return decide(job, state, now_ms=now_ms)
+                return decide(job, state, **options)
             finally:
                 self.decide_s += clock() - started
 

@@ -362,13 +362,19 @@ impl CompiledPolicy {
     }
 
     /// Runs one decision; answers a dict that `rbee.scheduler.Decision` wraps.
-    #[pyo3(signature = (job, state, now_ms = None))]
+    ///
+    /// `release_gil`: other Python threads run while the script does. Right
+    /// for a caller that has threads to let run; a caller that decides on its
+    /// event loop gains nothing from it and pays a hand-over of the GIL per
+    /// decision, and the wait to get it back from whichever thread took it.
+    #[pyo3(signature = (job, state, now_ms = None, release_gil = true))]
     fn decide<'py>(
         &self,
         py: Python<'py>,
         job: &Bound<'py, PyAny>,
         state: &Bound<'py, PyAny>,
         now_ms: Option<INT>,
+        release_gil: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let started = Instant::now();
         let state: Arc<StateData> = if let Ok(s) = state.cast::<State>() {
@@ -411,7 +417,7 @@ impl CompiledPolicy {
             let decided = result.map(|v| interpret(v, &call.state, &failed));
             (decided, ctx, peak)
         };
-        let (decided, ctx, peak) = py.detach(run);
+        let (decided, ctx, peak) = if release_gil { py.detach(run) } else { run() };
         let elapsed_us = started.elapsed().as_micros() as u64;
 
         let mut logs: Vec<String> = ctx.logs;

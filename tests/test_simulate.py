@@ -179,8 +179,8 @@ def test_the_policy_sees_simulated_time_and_the_remaining_deadline():
     class Spy(Policy):
         __slots__ = ()
 
-        def decide(self, job, state, *, now_ms=None):
-            decision = super().decide(job, state, now_ms=now_ms)
+        def decide(self, job, state, **options):
+            decision = super().decide(job, state, **options)
             seen.append(decision.logs[0])
             return decision
 

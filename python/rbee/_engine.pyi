@@ -46,7 +46,9 @@ class CompiledPolicy:
     def native_closures(self) -> int:
         """How many of the policy's closures are evaluated natively."""
     def decide(
-        self, job: dict[str, Any], state: State | dict[str, Any], now_ms: int | None = None
-    ) -> dict[str, Any]: ...
+        self, job: dict[str, Any], state: State | dict[str, Any], now_ms: int | None = None,
+        release_gil: bool = True,
+    ) -> dict[str, Any]:
+        """One decision. ``release_gil``: other threads run during the script."""
 
 def evaluate(source: str, limits: dict[str, int] | None = None) -> Any: ...

@@ -161,13 +161,18 @@ class Policy:
     def limits(self) -> dict[str, int]:
         return self._compiled.limits
 
-    def decide(self, job: Mapping[str, Any], state: Any, *, now_ms: int | None = None) -> Decision:
+    def decide(self, job: Mapping[str, Any], state: Any, *, now_ms: int | None = None,
+               release_gil: bool = True) -> Decision:
         """Decides where ``job`` runs. ``state`` is a :class:`State` (converted
-        once, the fast path) or a plain dict (converted on every call)."""
+        once, the fast path) or a plain dict (converted on every call).
+
+        With ``release_gil`` (the default) other Python threads run while the
+        script does; a caller deciding on an event loop, with nothing to gain
+        from that, passes False and saves a hand-over of the GIL."""
         if not isinstance(job, dict):
             job = dict(job)
         try:
-            raw = self._compiled.decide(job, state, now_ms)
+            raw = self._compiled.decide(job, state, now_ms, release_gil)
         except PolicyError as exc:
             # Errors name the policy's file, as compile errors do, and for YAML
             # the rule and the position in the YAML rather than generated code.
@@ -230,12 +235,13 @@ class Scheduler:
                 chain.append(("default", self.default))
         return chain
 
-    def decide(self, job: Mapping[str, Any], state: Any, *, now_ms: int | None = None) -> Decision:
+    def decide(self, job: Mapping[str, Any], state: Any, *, now_ms: int | None = None,
+               release_gil: bool = True) -> Decision:
         failures: list[dict[str, Any]] = []
         first_error: PolicyError | None = None
         for role, policy in self._chain():
             try:
-                decision = policy.decide(job, state, now_ms=now_ms)
+                decision = policy.decide(job, state, now_ms=now_ms, release_gil=release_gil)
             except PolicyError as exc:
                 first_error = first_error or exc
                 failures.append(

@@ -144,7 +144,10 @@ class Queen:
         started = time.perf_counter()
         try:
             script_job = job.to_script(at)
-            decision = self.policies.scheduler.decide(script_job, self.registry.state)
+            # The GIL is kept: only the store writer could use it meanwhile,
+            # and getting it back from that thread would stall the loop.
+            decision = self.policies.scheduler.decide(script_job, self.registry.state,
+                                                      release_gil=False)
         except PolicyError as exc:
             # Even the built-in default failed: there is no answer to give.
             self.metrics.policy_errors.labels(exc.code).inc()

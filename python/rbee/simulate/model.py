@@ -269,7 +269,9 @@ class Simulation:
         self.decisions += 1
         job.decisions += 1
         try:
-            decision = self.scheduler.decide(script, self.state, now_ms=self.epoch + int(now))
+            # One thread: releasing the GIL per decision would buy nothing.
+            decision = self.scheduler.decide(script, self.state, now_ms=self.epoch + int(now),
+                                             release_gil=False)
         except PolicyError:
             # Even the built-in default failed: the queen answers 503.
             self._finish(job, "rejected", "scheduler_error")
