@@ -84,6 +84,21 @@ def test_the_decision_log_is_trimmed_to_its_size(store: Store) -> None:
     assert kept[0]["at"] == 999
 
 
+def test_job_records_are_trimmed_to_their_size_oldest_first(tmp_path: Path) -> None:
+    store = Store(tmp_path / "queen.db", job_log_size=100)
+    try:
+        for n in range(600):
+            store.save_job(_job(f"job-{n}"))
+        store.save_job(_job("job-599", "failed"))  # saved again: still the newest
+        store.flush(10)
+        kept = store._read.execute("SELECT id FROM jobs ORDER BY rowid").fetchall()
+        assert 100 <= len(kept) < 100 + 256
+        assert kept[-1] == ("job-599",) and store.job("job-599")["status"] == "failed"
+        assert store.job("job-0") is None
+    finally:
+        store.close()
+
+
 def test_a_failed_batch_is_logged_and_flush_still_returns(store: Store, caplog) -> None:
     store._submit("INSERT INTO no_such_table VALUES (?)", (1,))
     with caplog.at_level(logging.ERROR, logger="rbee.queen.store"):

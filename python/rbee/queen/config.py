@@ -123,6 +123,8 @@ class QueenConfig(_Strict):
     health: HealthConfig = Field(default_factory=HealthConfig)
     max_attempts: int = Field(default=3, ge=1, description="dispatch attempts per job")
     decision_log_size: int = Field(default=10_000, ge=1)
+    # Job records kept in the database; the oldest go first.
+    job_log_size: int = Field(default=100_000, ge=1)
     workers: list[WorkerConfig] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
     tenants: list[TenantConfig] = Field(default_factory=list)

@@ -47,7 +47,8 @@ class Queen:
         self._wake = asyncio.Event()
         self._stopping = False
         self.queue: list[Job] = []
-        self.store = store or Store(config.database, config.decision_log_size)
+        self.store = store or Store(config.database, config.decision_log_size,
+                                    config.job_log_size)
         self.platform = config.mode == "platform"
         self.tenants = Tenants(self.store)
         for tenant in config.tenants:

@@ -73,6 +73,10 @@ CREATE TABLE IF NOT EXISTS usage (
 """
 
 _INSERT_DECISION = "INSERT INTO decisions (job_id, at, record) VALUES (?, ?, ?)"
+_SAVE_JOB = (
+    "INSERT INTO jobs (id, created_at, updated_at, status, record) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT(id) DO UPDATE SET updated_at = excluded.updated_at, "
+    "status = excluded.status, record = excluded.record")
 # How long the writer waits after the first write of a batch for more.
 _BATCH_WINDOW_S = 0.02
 
@@ -84,11 +88,15 @@ def _dumps(value: Any) -> str:
 
 
 class Store:
-    def __init__(self, path: str | Path, decision_log_size: int = 10_000) -> None:
+    def __init__(self, path: str | Path, decision_log_size: int = 10_000,
+                 job_log_size: int = 100_000) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.decision_log_size = decision_log_size
+        self.job_log_size = job_log_size
+        # Rows written since each table was last trimmed to its size.
+        self._untrimmed = {"decisions": 0, "jobs": 0}
         self._read = self._connect()
         self._read.executescript(_SCHEMA)
         # Writes wait in a list until the writer takes the whole list. A
@@ -124,7 +132,6 @@ class Store:
 
     def _writer(self) -> None:
         conn = self._connect()
-        written_decisions = 0
         while True:
             if not self._stopping:
                 self._wake.wait()
@@ -141,14 +148,13 @@ class Store:
                 conn.close()
                 return
             if work:
-                written_decisions = self._write(conn, work, written_decisions)
+                self._write(conn, work)
             with self._written_changed:
                 self._written += len(work)
                 self._written_changed.notify_all()
 
-    def _write(self, conn: sqlite3.Connection, work: list[tuple[str, tuple]],
-               written_decisions: int) -> int:
-        """One transaction; answers the decisions written since the last trim."""
+    def _write(self, conn: sqlite3.Connection, work: list[tuple[str, tuple]]) -> None:
+        """One transaction."""
         try:
             conn.execute("BEGIN")
             # Runs of one statement (a job row, a decision row, ...) go in
@@ -158,15 +164,18 @@ class Store:
                 rows = [params for _, params in run]
                 conn.executemany(sql, rows)
                 if sql == _INSERT_DECISION:
-                    written_decisions += len(rows)
-            # Trim the decision log now and then, not on every insert.
-            if written_decisions >= 256:
-                written_decisions = 0
-                conn.execute(
-                    "DELETE FROM decisions WHERE seq <= "
-                    "(SELECT MAX(seq) FROM decisions) - ?",
-                    (self.decision_log_size,),
-                )
+                    self._untrimmed["decisions"] += len(rows)
+                elif sql == _SAVE_JOB:
+                    self._untrimmed["jobs"] += len(rows)
+            # Both logs are trimmed now and then, not on every insert. Rows
+            # are numbered in the order written (a job saved again keeps its
+            # number), so the oldest go first.
+            for table, key, size in (("decisions", "seq", self.decision_log_size),
+                                     ("jobs", "rowid", self.job_log_size)):
+                if self._untrimmed[table] >= 256:
+                    self._untrimmed[table] = 0
+                    conn.execute(f"DELETE FROM {table} WHERE {key} <= "
+                                 f"(SELECT MAX({key}) FROM {table}) - ?", (size,))
             conn.execute("COMMIT")
         except sqlite3.Error:
             log.exception("store: a batch of %d writes failed", len(work))
@@ -174,7 +183,6 @@ class Store:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-        return written_decisions
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Waits until every write handed over so far is committed (or
@@ -259,9 +267,7 @@ class Store:
     def save_job(self, record: dict[str, Any]) -> None:
         now = time.time()
         self._submit(
-            "INSERT INTO jobs (id, created_at, updated_at, status, record) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET updated_at = excluded.updated_at, "
-            "status = excluded.status, record = excluded.record",
+            _SAVE_JOB,
             (record["id"], record.get("created_at", now), now, record.get("status", ""),
              _dumps(record)),
         )
