@@ -1,8 +1,8 @@
 """The queen's listening socket: its own HTTP/1.1 server for inference.
 
-Inference requests are the queen's hot path, and an aiohttp request with
-its router and middleware costs more CPU than the whole of what the queen
-adds on top (docs/benchmarks.md, "Choosing the HTTP stack"). So the queen
+Inference requests are the queen's hot path, and serving one through
+aiohttp, with its router and middleware, costs about twice the CPU of
+parsing it here (docs/benchmarks.md, "Choosing the HTTP stack"). So the queen
 parses requests itself with httptools on asyncio transports and serves
 the OpenAI-compatible POST routes and `GET /v1/models` here, through the
 same `Proxy.serve` the aiohttp application uses.
