@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import math
 import struct
@@ -529,3 +530,22 @@ def check_demo_shapes(cluster: DemoCluster) -> None:
     cheapest = min(cluster.workers, key=lambda w: w["cost_per_token"])
     dearest = max(cluster.workers, key=lambda w: w["cost_per_token"])
     assert cheapest["backend"] == "cpu" and dearest["pool"] == "cloud-a100"
+
+
+def test_errors_made_before_a_handler_runs_have_the_openai_shape_and_their_own_code():
+    async def body() -> None:
+        async with worker() as fake, aiohttp.ClientSession() as http:
+            cases = [
+                ("GET", "/chat/completions", None, 405, "method_not_allowed"),
+                ("POST", "/no/such/route", b"{}", 404, "not_found"),
+                ("POST", "/chat/completions", io.BytesIO(b"x" * (3 * 1024 * 1024)), 413,
+                 "body_too_large"),
+            ]
+            for method, path, data, status, code in cases:
+                async with http.request(method, fake.url + path, data=data) as response:
+                    assert response.status == status, path
+                    error = (await response.json())["error"]
+                    assert error["code"] == code
+                    assert path in error["message"]
+
+    run(body())

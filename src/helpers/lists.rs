@@ -151,7 +151,7 @@ fn sticky(arr: &mut Array, key: Dynamic) -> Dynamic {
         bytes.push(0);
         bytes.extend_from_slice(id_of(w).unwrap_or_default().as_bytes());
         let score = stable_hash(&bytes);
-        if best.map_or(true, |(s, b)| score > s || (score == s && tie(w, b).is_lt())) {
+        if best.is_none_or(|(s, b)| score > s || (score == s && tie(w, b).is_lt())) {
             best = Some((score, w));
         }
     }
@@ -174,7 +174,7 @@ impl<'a> Caller<'a> {
             (c.natives.fns.get(f.fn_name()).cloned(), c.natives.arity.get(f.fn_name()).copied())
         })
         .unwrap_or((None, None));
-        let with_index = arity.map_or(false, |n| n == f.curry().len() + 2);
+        let with_index = arity.is_some_and(|n| n == f.curry().len() + 2);
         // A compiled closure takes the item as its last parameter; one that
         // also takes the index (`|w, i|`) must run through Rhai.
         let native = if with_index { None } else { native.map(|n| n.bind(f.curry())) };
@@ -185,7 +185,7 @@ impl<'a> Caller<'a> {
         if let Some(n) = &self.native {
             if let Some(v) = n.eval(item, self.f.curry()) {
                 self.native_calls += 1;
-                if self.native_calls % 4096 == 0 {
+                if self.native_calls.is_multiple_of(4096) {
                     context::charge(4096).map_err(terminated)?;
                 }
                 return Ok(v.into_dynamic());
@@ -340,7 +340,7 @@ fn str_field_is(m: &Map, key: &str, want: &str) -> bool {
             Some(s) => s.as_str() == want,
             None => v
                 .read_lock::<Array>()
-                .map_or(false, |a| a.iter().any(|x| text(x).as_deref() == Some(want))),
+                .is_some_and(|a| a.iter().any(|x| text(x).as_deref() == Some(want))),
         },
         None => false,
     }
@@ -351,8 +351,8 @@ fn int_field(m: &Map, key: &str) -> Option<INT> {
 }
 
 fn serves(m: &Map, names: &[ImmutableString]) -> bool {
-    let matches = |v: &Dynamic| text(v).map_or(false, |s| names.contains(&s));
-    m.get("model").map_or(false, matches)
+    let matches = |v: &Dynamic| text(v).is_some_and(|s| names.contains(&s));
+    m.get("model").is_some_and(matches)
         || m.get("models")
             .and_then(|v| v.read_lock::<Array>().map(|a| a.iter().any(matches)))
             .unwrap_or(false)
@@ -370,7 +370,7 @@ fn with_model(arr: &mut Array, reference: &str) -> Array {
 
 fn can_fit(arr: &mut Array, reference: &str) -> Array {
     let Some(need) = super::queries::vram_required(reference) else { return Array::new() };
-    keep(arr, |m| m.get("vram_free").and_then(num).map_or(false, |free| free >= need as FLOAT))
+    keep(arr, |m| m.get("vram_free").and_then(num).is_some_and(|free| free >= need as FLOAT))
 }
 
 fn in_region(arr: &mut Array, region: &str) -> Array {

@@ -223,7 +223,7 @@ fn distance(a: Dynamic, b: Dynamic, c: Dynamic, d: Dynamic) -> HelperResult<FLOA
 fn queue_depth() -> INT {
     context::with(|c| {
         let job = c.job_id.clone();
-        c.state.queue.iter().filter(|q| text(&field(q, "id")).map_or(true, |id| id != job)).count()
+        c.state.queue.iter().filter(|q| text(&field(q, "id")).is_none_or(|id| id != job)).count()
             as INT
     })
     .unwrap_or(0)

@@ -48,6 +48,9 @@ _ENDPOINT_CAPABILITY = {
     "/v1/images/generations": "image-gen",
 }
 
+# The error code of an answer aiohttp made before a handler ran.
+_HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
 _VOCAB = (
     "amber bee bloom buzz clover colony comb dance drone field flight flower garden gold "
     "hive honey larva meadow nectar orchard petal pollen propolis queen royal scout sting "
@@ -242,10 +245,11 @@ class FakeWorker:
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                # Unknown paths and wrong methods answer in the OpenAI shape too.
+                # Unknown paths, wrong methods and oversized bodies answer in
+                # the OpenAI shape too.
+                code = _HTTP_ERROR_CODES.get(exc.status, "invalid_request")
                 return _error(self.worker_id, exc.status,
-                              f"{request.method} {request.path}: {exc.reason}",
-                              "not_found" if exc.status == 404 else "method_not_allowed")
+                              f"{request.method} {request.path}: {exc.reason}", code)
 
         app = web.Application(middlewares=[openai_errors])
         app.router.add_get("/health", self._health)
