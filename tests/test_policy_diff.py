@@ -420,6 +420,61 @@ def test_preview_replays_the_last_recorded_decisions(harness):
     assert chat(harness, EIGHT_B) == "pricey"
 
 
+FIRST_THAT_SERVES = """\
+fn schedule_job(job, pools, workers) {
+    let able = workers.filter(|w| w.models.contains(job.model));
+    if able.is_empty() { return (); }
+    able[0]
+}
+"""
+
+
+def test_each_decision_is_replayed_on_the_state_it_saw(harness):
+    """`cheap` leaves between the two requests and comes back: on the live
+    state both jobs would go to `cheap`, on the recorded states the second
+    goes to `pricey`, as it did."""
+    with harness.http() as http:
+        assert http.put("/v1/scheduler", json={"source": FIRST_THAT_SERVES}).status_code == 200
+        assert chat(harness, EIGHT_B) == "cheap"
+        assert http.delete("/v1/workers/cheap").status_code == 200
+        assert chat(harness, EIGHT_B) == "pricey"
+        spec = next(w for w in QUEEN_WORKERS if w["id"] == "cheap")
+        back = http.post("/v1/workers", json={**spec, "url": harness.fakes["cheap"].url})
+        assert back.status_code == 201, back.text
+
+        body = http.post("/v1/scheduler/preview",
+                         json={"source": FIRST_THAT_SERVES, "replay": 2}).json()
+        assert [d["worker_id"] for d in body["decisions"]] == ["cheap", "pricey"]
+        assert body["replay"] | {"changes": None} == {
+            "jobs": 2, "changed": 0, "on_recorded_state": 2, "on_live_state": 0,
+            "changes": None}
+
+        # A candidate that prefers the last able worker differs on the first
+        # job only (the second had one able worker), and the active policy's
+        # side of the change is what was recorded.
+        last = FIRST_THAT_SERVES.replace("able[0]", "able[-1]")
+        changes = http.post("/v1/scheduler/preview",
+                            json={"source": last, "replay": 2}).json()["replay"]["changes"]
+        assert [(c["state"], c["recorded"]["worker_id"], c["active"]["worker_id"],
+                 c["candidate"]["worker_id"]) for c in changes] == [
+            ("recorded", "cheap", "cheap", "pricey")]
+
+        # A given state replaces the recorded ones.
+        state = http.get("/v1/state").json()
+        given = http.post("/v1/scheduler/preview", json={
+            "source": FIRST_THAT_SERVES, "replay": 2, "state": state}).json()
+        assert [d["worker_id"] for d in given["decisions"]] == ["cheap", "cheap"]
+        assert given["replay"]["on_live_state"] == 2
+
+    # After a restart the log is read back from the store, without states.
+    harness.restart()
+    with harness.http() as http:
+        again = http.post("/v1/scheduler/preview",
+                          json={"source": FIRST_THAT_SERVES, "replay": 2}).json()
+    assert [d["worker_id"] for d in again["decisions"]] == ["cheap", "cheap"]
+    assert (again["replay"]["on_recorded_state"], again["replay"]["on_live_state"]) == (0, 2)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"source": CANDIDATE, "replay": 0}, "replay"),
     ({"source": CANDIDATE, "replay": -3}, "replay"),

@@ -433,9 +433,10 @@ async def _preview_replay(request: web.Request, body: dict[str, Any]) -> web.Res
     source, fmt = _policy_body(body)
     state = _preview_state(body)
     queen = request.app[QUEEN]
-    records = queen.decisions.last(count)
+    records = queen.decisions.last_with_state(count)
     try:
-        answer = await queen.policies.replay(records, source, fmt, state)
+        answer = await queen.policies.replay(records, source, fmt, state,
+                                             queen.registry.journal.window())
     except PolicyError as exc:
         return policy_error_response(exc)
     return web.json_response(answer)

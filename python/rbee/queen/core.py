@@ -139,7 +139,7 @@ class Queen:
     def _decide(self, job: Job) -> Any:
         if self.platform:
             # Quota helpers read the tenants' live usage.
-            self.registry.state.replace(
+            self.registry.journal.replace(
                 "tenants", [t.snapshot() for t in self.tenants.by_id.values()])
         at = now_ms()
         started = time.perf_counter()
@@ -163,7 +163,9 @@ class Queen:
             "at": at, "job_id": job.id, "policy_version": self.policies.version,
             **decision.to_dict(), "job": script_job,
         }
-        self.store.add_decision(record, self.decisions.append(record))
+        # The journal's position: the state this decision saw, for replays.
+        encoded = self.decisions.append(record, self.registry.journal.seq)
+        self.store.add_decision(record, encoded)
         return decision
 
     def kick(self) -> None:

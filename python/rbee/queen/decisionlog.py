@@ -29,17 +29,20 @@ class DecisionLog:
     dicts (each read decodes a fresh copy)."""
 
     def __init__(self, maxlen: int) -> None:
-        # (job id, encoded record): the id filters without decoding.
-        self._items: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=maxlen)
+        # (job id, encoded record, the state journal's position when it was
+        # decided or None): the id filters without decoding.
+        self._items: collections.deque[tuple[str, bytes, int | None]] = collections.deque(
+            maxlen=maxlen)
 
     @property
     def maxlen(self) -> int | None:
         return self._items.maxlen
 
-    def append(self, record: dict[str, Any]) -> bytes:
-        """Keeps `record`; answers its JSON, for the store."""
+    def append(self, record: dict[str, Any], state_seq: int | None = None) -> bytes:
+        """Keeps `record`, decided on the state after `state_seq` changes
+        (`StateJournal.seq`); answers its JSON, for the store."""
         data = encode(record)
-        self._items.append((record.get("job_id", ""), data))
+        self._items.append((record.get("job_id", ""), data, state_seq))
         return data
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
@@ -53,18 +56,23 @@ class DecisionLog:
         return orjson.loads(self._items[index][1])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for _, data in list(self._items):
+        for _, data, _ in list(self._items):
             yield orjson.loads(data)
 
     def last(self, count: int) -> list[dict[str, Any]]:
         """The newest `count` decisions, oldest first."""
+        return [record for record, _ in self.last_with_state(count)]
+
+    def last_with_state(self, count: int) -> list[tuple[dict[str, Any], int | None]]:
+        """The newest `count` decisions, oldest first, each with the state
+        journal's position when it was made (None: not known)."""
         items = list(self._items)[-count:] if count > 0 else []
-        return [orjson.loads(data) for _, data in items]
+        return [(orjson.loads(data), seq) for _, data, seq in items]
 
     def newest(self, limit: int, job_id: str | None = None) -> list[dict[str, Any]]:
         """Up to `limit` decisions, newest first, of one job or of all."""
         found = []
-        for jid, data in reversed(self._items):
+        for jid, data, _ in reversed(self._items):
             if len(found) >= limit:
                 break
             if job_id is None or jid == job_id:

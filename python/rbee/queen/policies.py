@@ -17,6 +17,7 @@ import yaml
 
 from rbee.errors import PolicyCompileError, PolicyError
 from rbee.policy_diff import decide, same, summary
+from rbee.queen.statejournal import JournalWindow
 from rbee.scheduler import DEFAULT_POLICY_SOURCE, Decision, Policy, Scheduler, State
 
 __all__ = ["PolicyManager", "detect_format", "REPLAY_MAX"]
@@ -138,30 +139,34 @@ class PolicyManager:
 
     async def replay(
         self,
-        records: list[dict[str, Any]],
+        records: list[tuple[dict[str, Any], int | None]],
         source: str,
         fmt: str | None = None,
         state: State | None = None,
+        history: JournalWindow | None = None,
     ) -> dict[str, Any]:
-        """Re-decides recorded decisions (oldest first) with the active policy
-        and with the candidate ``source``; answers the candidate's decisions
-        and the jobs whose decision changes between the two.
+        """Re-decides recorded decisions (oldest first, each with its state
+        journal position) with the active policy and with the candidate
+        ``source``; answers the candidate's decisions and the jobs whose
+        decision changes between the two.
 
-        The decision log keeps each job as the policy saw it and the time it
-        was decided (``now()`` is that time again), but not the state: keeping
-        it would cost O(workers) per request on the hot path. Both policies
-        therefore decide on the live state (or the given one), copied once so
-        that it holds still during the replay; the recorded decision is
-        reported for reference only. No side effects: both policies are fresh
-        compiled copies, so the live policy's rotation state is left alone.
+        Each job is decided as the policy saw it, at the time it was decided
+        (``now()`` is that time again), on the state it was decided on when
+        ``history`` still holds that state; otherwise (a decision older than
+        the journal, or from before a restart) on the live state, copied
+        once so that it holds still. A given ``state`` replaces both. No side
+        effects: both policies are fresh compiled copies, so the live policy's
+        rotation state is left alone.
         """
         # Read the active policy here, on the event loop, where swaps happen.
         active = self.compile(self.source, self.format, f"<version {self.version}>")
         candidate = self.compile(source, fmt, "<candidate>")
         snapshot = State((state if state is not None else self._state()).to_dict())
+        if state is not None:
+            history = None
         # A slow candidate may spend its whole time limit on every job; off the
         # event loop that costs this request time, not every other request's.
-        return await asyncio.to_thread(_replay, active, candidate, records, snapshot)
+        return await asyncio.to_thread(_replay, active, candidate, records, snapshot, history)
 
     # -- start-up and the watched file --------------------------------------
 
@@ -248,10 +253,16 @@ class PolicyManager:
                 on_result("refused")
 
 
-def _replay(active: Policy, candidate: Policy, records: list[dict[str, Any]],
-            state: State) -> dict[str, Any]:
+def _replay(active: Policy, candidate: Policy,
+            records: list[tuple[dict[str, Any], int | None]], live: State,
+            history: JournalWindow | None) -> dict[str, Any]:
     decisions, changes = [], []
-    for record in records:
+    seqs = [seq for _, seq in records] if history is not None else [None] * len(records)
+    states = history.states(seqs) if history is not None else iter([None] * len(records))
+    on_recorded = 0
+    for (record, _), recorded_state in zip(records, states):
+        state = recorded_state if recorded_state is not None else live
+        on_recorded += recorded_state is not None
         job, at = record["job"], record.get("at")
         now = at if isinstance(at, int) and not isinstance(at, bool) else None
         before = decide(active, job, state, now)
@@ -260,7 +271,10 @@ def _replay(active: Policy, candidate: Policy, records: list[dict[str, Any]],
         if not same(before, after):
             recorded = summary(record) | {"policy_version": record.get("policy_version")}
             changes.append({"job_id": record.get("job_id", job.get("id")), "at": at,
+                            "state": "recorded" if recorded_state is not None else "live",
                             "recorded": recorded, "active": summary(before),
                             "candidate": summary(after)})
     return {"decisions": decisions,
-            "replay": {"jobs": len(records), "changed": len(changes), "changes": changes}}
+            "replay": {"jobs": len(records), "changed": len(changes),
+                       "on_recorded_state": on_recorded,
+                       "on_live_state": len(records) - on_recorded, "changes": changes}}

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import aiohttp
 
 from rbee.scheduler import State
+from rbee.queen.statejournal import StateJournal
 
 __all__ = ["Registry", "Worker", "Pool"]
 
@@ -135,7 +136,8 @@ class Pool:
 
 
 class Registry:
-    """Workers and pools; every change is written to `state` at once and
+    """Workers and pools; every change is written to `state` at once
+    (through `journal`, which keeps the recent changes for replays) and
     announced to `on_change` so queued jobs are looked at again."""
 
     def __init__(
@@ -148,6 +150,7 @@ class Registry:
         self.workers: dict[str, Worker] = {}
         self.pools: dict[str, Pool] = {}
         self.state = State({"models": list(models), "tenants": list(tenants)})
+        self.journal = StateJournal(self.state)
         self.on_change = on_change
 
     # -- workers -------------------------------------------------------------
@@ -177,13 +180,13 @@ class Registry:
     def remove_worker(self, worker_id: str) -> bool:
         if self.workers.pop(worker_id, None) is None:
             return False
-        self.state.remove_worker(worker_id)
+        self.journal.remove_worker(worker_id)
         self._publish_pools()
         self.on_change()
         return True
 
     def _publish(self, worker: Worker) -> None:
-        self.state.upsert_worker(worker.snapshot())
+        self.journal.upsert_worker(worker.snapshot())
         self.on_change()
 
     def _publish_slots(self, worker: Worker) -> None:
@@ -195,10 +198,10 @@ class Registry:
                   "last_used_at": worker.last_used_at, "latency_ms": worker.latency_ms,
                   "tokens_per_sec": worker.tokens_per_sec}
         try:
-            self.state.update_worker(
+            self.journal.update_worker(
                 worker.id, {k: v for k, v in fields.items() if v is not None})
         except KeyError:
-            self.state.upsert_worker(worker.snapshot())
+            self.journal.upsert_worker(worker.snapshot())
         self.on_change()
 
     def acquire(self, worker: Worker) -> None:
@@ -285,7 +288,7 @@ class Registry:
         for w in self.workers.values():
             if w.attrs.get("pool"):
                 members.setdefault(w.attrs["pool"], []).append(w.id)
-        self.state.replace(
+        self.journal.replace(
             "pools", [p.snapshot(sorted(members.get(p.id, []))) for p in self.pools.values()]
         )
 
