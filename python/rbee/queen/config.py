@@ -125,6 +125,9 @@ class QueenConfig(_Strict):
     decision_log_size: int = Field(default=10_000, ge=1)
     # Job records kept in the database; the oldest go first.
     job_log_size: int = Field(default=100_000, ge=1)
+    # On SIGTERM, how long requests in flight may take to finish before they
+    # are cancelled; no new connection is accepted meanwhile.
+    shutdown_grace_ms: int = Field(default=30_000, ge=0)
     workers: list[WorkerConfig] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
     tenants: list[TenantConfig] = Field(default_factory=list)

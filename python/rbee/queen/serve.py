@@ -37,10 +37,11 @@ class Listening:
     life cycle) behind the queen's own server (wire.py) on the socket."""
 
     def __init__(self, runner: web.AppRunner, wire: WireServer,
-                 addresses: list[tuple[str, int]]) -> None:
+                 addresses: list[tuple[str, int]], grace_s: float = 0.0) -> None:
         self.runner = runner
         self.wire = wire
         self.addresses = addresses
+        self.grace_s = grace_s
 
     @property
     def app(self) -> web.Application:
@@ -51,9 +52,11 @@ class Listening:
         return self.runner.app[QUEEN]
 
     async def close(self) -> None:
-        # Connections first, so requests in flight release their slots
-        # before the queen stops.
-        await self.wire.close()
+        # Inference connections first: their requests in flight finish (up to
+        # the grace period) or are cancelled and release their slots before
+        # the queen stops. The aiohttp routes get the same grace (the
+        # runner's shutdown_timeout) in cleanup().
+        await self.wire.close(self.grace_s)
         await self.runner.cleanup()
 
 
@@ -82,7 +85,9 @@ async def start_queen(config: QueenConfig, *, demo: bool = False) -> tuple[Liste
         for pool in cluster.pools:
             queen.registry.register_pool({k: v for k, v in pool.items() if k != "workers"})
     app = build_app(queen, token)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    grace_s = config.shutdown_grace_ms / 1000
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=grace_s)
     await runner.setup()
     assert runner.server is not None
     wire = WireServer(queen, app[PROXY], runner.server, model_list)
@@ -94,7 +99,7 @@ async def start_queen(config: QueenConfig, *, demo: bool = False) -> tuple[Liste
         if cluster is not None:
             await cluster.stop()
         raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror or exc}") from None
-    return Listening(runner, wire, addresses), cluster
+    return Listening(runner, wire, addresses, grace_s), cluster
 
 
 async def stop_queen(server: Listening, cluster: Any) -> None:

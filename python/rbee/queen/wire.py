@@ -115,8 +115,14 @@ class WireDownstream:
         self.started = False
         self._chunked = request.http11
 
+    def _last_if_draining(self) -> None:
+        # A queen that is stopping answers what it has, then closes.
+        if self.connection.server.draining:
+            self.request.keep_alive = False
+
     async def send(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.started = True
+        self._last_if_draining()
         if self.request.keep_alive and not self.request.http11:
             # An HTTP/1.0 client assumes the connection closes unless told.
             headers = {**headers, "Connection": "keep-alive"}
@@ -124,6 +130,7 @@ class WireDownstream:
 
     async def open_stream(self, status: int, headers: dict[str, str]) -> None:
         self.started = True
+        self._last_if_draining()
         if not self._chunked:
             self.request.keep_alive = False
         self.connection.write(head(status, headers, None, self.request.keep_alive,
@@ -183,6 +190,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
+        if self.server.draining:
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -348,7 +357,7 @@ class Connection(asyncio.Protocol):
                     self.transport.resume_reading()
                 await self._serve(request)
                 self.last_active = time.monotonic()
-                if not request.keep_alive:
+                if not request.keep_alive or self.server.draining:
                     self.close()
                     return
         finally:
@@ -438,6 +447,9 @@ class WireServer:
         self.aiohttp_protocol = aiohttp_protocol
         self.model_list = model_list
         self.connections: set[Connection] = set()
+        # Set when the queen starts stopping: answers in flight are the last
+        # on their connections.
+        self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -478,13 +490,23 @@ class WireServer:
                     connection._refuse_now(408, f"the request stopped arriving for "
                                            f"{REQUEST_STALL_S:.0f} s", "request_timeout")
 
-    async def close(self) -> None:
-        """Stops listening and ends every connection; requests in flight are
-        cancelled, which frees their slots."""
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stops listening and ends every connection. Requests in flight get
+        up to `grace_s` seconds to finish (each answer is the last on its
+        connection); idle connections, and requests not fully received, end
+        at once. What still runs after that is cancelled, which frees its
+        slot, and a stream cut that way simply ends."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
+        self.draining = True
+        for connection in list(self.connections):
+            if connection.task is None:
+                connection.close()
+        busy = [c.task for c in self.connections if c.task is not None]
+        if busy and grace_s > 0:
+            await asyncio.wait(busy, timeout=grace_s)
         tasks = []
         for connection in list(self.connections):
             if connection.task is not None:
