@@ -21,7 +21,7 @@ from rbee.queen.fakeworker import FakeWorker
 from rbee.queen.serve import start_queen, stop_queen
 
 # Keys of a worker spec that configure the fake server, not the queen.
-FAKE_ONLY = ("ttft_ms", "fake_tokens_per_sec")
+FAKE_ONLY = ("ttft_ms", "fake_tokens_per_sec", "fake_api_key")
 
 try:
     import uvloop
@@ -67,7 +67,8 @@ class QueenHarness:
             fake = FakeWorker(spec["id"], spec.get("models") or [spec["model"]],
                               capability=spec.get("capability", "text-gen"),
                               ttft_ms=spec.get("ttft_ms", 5.0),
-                              tokens_per_sec=spec.get("fake_tokens_per_sec", 2000.0))
+                              tokens_per_sec=spec.get("fake_tokens_per_sec", 2000.0),
+                              api_key=spec.get("fake_api_key"))
             await fake.start()
             self.fakes[spec["id"]] = fake
 

@@ -89,6 +89,18 @@ def test_unknown_configuration_keys_are_named(tmp_path):
     assert "workers.0.slotz: unknown key" in err
 
 
+def test_a_worker_key_that_is_not_set_stops_the_start(tmp_path):
+    config = tmp_path / "queen.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\nstate_path: {tmp_path / 'q.db'}\n"
+                      "workers:\n  - id: a\n    url: http://127.0.0.1:9/v1\n"
+                      "    api_key_env: RBEE_TEST_UNSET_KEY\n")
+    process = _queen("--config", str(config), env={"RBEE_TEST_UNSET_KEY": ""})
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "workers.0.api_key_env" in err and "RBEE_TEST_UNSET_KEY is not set" in err
+    assert "Traceback" not in err
+
+
 def test_a_refused_policy_file_stops_the_start(tmp_path):
     policy = tmp_path / "scheduler.rhai"
     policy.write_text("fn schedule_job(job, pools, workers) {\n    workers.(\n}\n")

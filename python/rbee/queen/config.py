@@ -4,6 +4,7 @@ optional, unknown keys refused with their path."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,9 @@ class WorkerConfig(_Strict):
     geo: Geo | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     priority: int | None = None
+    api_key_env: str | None = Field(
+        default=None, min_length=1,
+        description="environment variable holding the worker's API key (sent as Bearer)")
 
     @field_validator("url")
     @classmethod
@@ -56,6 +60,14 @@ class WorkerConfig(_Strict):
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return url.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_is_set(cls, name: str | None) -> str | None:
+        # Said at start, not as 401s from the worker once traffic arrives.
+        if name is not None and not os.environ.get(name, "").strip():
+            raise ValueError(f"the environment variable {name} is not set")
+        return name
 
 
 class ModelConfig(_Strict):

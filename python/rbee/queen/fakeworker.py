@@ -145,7 +145,8 @@ class FakeWorker:
     """
 
     def __init__(self, worker_id: str, models: list[str], *, capability: str = "text-gen",
-                 ttft_ms: float = 20.0, tokens_per_sec: float = 200.0, seed: int = 0) -> None:
+                 ttft_ms: float = 20.0, tokens_per_sec: float = 200.0, seed: int = 0,
+                 api_key: str | None = None) -> None:
         if not worker_id:
             raise ValueError("worker_id must not be empty")
         if not models or not all(isinstance(m, str) and m for m in models):
@@ -162,6 +163,8 @@ class FakeWorker:
         self.ttft_ms = float(ttft_ms)
         self.tokens_per_sec = float(tokens_per_sec)
         self.seed = seed
+        # Like `vllm serve --api-key`: every /v1 route needs `Bearer <key>`.
+        self.api_key = api_key
         self.url = ""
         self.requests = 0
         self.probes = 0
@@ -240,6 +243,10 @@ class FakeWorker:
             # their own so that they can still count the request.
             if self.down and request.path not in _ENDPOINT_CAPABILITY:
                 return self._down_response()
+            if self.api_key and request.path.startswith("/v1/") and \
+                    request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                return _error(self.worker_id, 401, "a valid API key is required",
+                              "invalid_api_key")
             try:
                 return await handler(request)
             except web.HTTPException as exc:

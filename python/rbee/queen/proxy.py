@@ -141,7 +141,7 @@ class Proxy:
                 worker.url, job.path, payload,
                 # identity: the body is relayed as is, without its encoding headers.
                 {"Content-Type": "application/json", "Accept-Encoding": "identity",
-                 "X-Rbee-Job": job.id},
+                 "X-Rbee-Job": job.id, **worker.auth_headers()},
                 remaining)
         except UpstreamError as exc:
             raise UpstreamFailed(str(exc)) from None

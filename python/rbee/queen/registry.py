@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -28,7 +29,7 @@ log = logging.getLogger("rbee.queen.registry")
 WORKER_FIELDS = {
     "id", "url", "pool", "model", "models", "capability", "backend", "gpus", "gpu_ids",
     "vram_total", "vram_free", "slots", "cost_per_token", "tokens_per_sec", "latency_ms",
-    "geo", "labels", "priority",
+    "geo", "labels", "priority", "api_key_env",
 }
 
 # Weight of a new observation in the moving averages of latency and speed.
@@ -39,12 +40,30 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _api_key(spec: dict[str, Any]) -> str | None:
+    """The key named by `api_key_env`, read from the queen's environment (a
+    key is a secret: it stays out of configuration files and of the state)."""
+    name = spec.get("api_key_env")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name:
+        raise ValueError("worker field 'api_key_env' must be the name of an environment "
+                         "variable")
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise ValueError(f"worker {spec.get('id')!r}: api_key_env names {name}, which is not "
+                         f"set in the queen's environment")
+    return key
+
+
 @dataclass(eq=False)
 class Worker:
     id: str
     url: str
     attrs: dict[str, Any]
     source: str = "config"
+    # Sent to the worker as `Authorization: Bearer`; never part of the state.
+    api_key: str | None = field(default=None, repr=False)
     active: int = 0
     healthy: bool = True
     draining: bool = False
@@ -56,6 +75,9 @@ class Worker:
     def __post_init__(self) -> None:
         self.latency_ms = self.attrs.get("latency_ms")
         self.tokens_per_sec = self.attrs.get("tokens_per_sec")
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def slots(self) -> int:
@@ -162,8 +184,9 @@ class Registry:
         for key in ("id", "url"):
             if not isinstance(spec.get(key), str) or not spec[key]:
                 raise ValueError(f"worker field '{key}' must be a non-empty string")
-        attrs = {k: v for k, v in spec.items() if k not in ("id", "url")}
-        worker = Worker(id=spec["id"], url=spec["url"].rstrip("/"), attrs=attrs, source=source)
+        attrs = {k: v for k, v in spec.items() if k not in ("id", "url", "api_key_env")}
+        worker = Worker(id=spec["id"], url=spec["url"].rstrip("/"), attrs=attrs, source=source,
+                        api_key=_api_key(spec))
         previous = self.workers.get(worker.id)
         if previous is not None:
             # Re-registration keeps what the queen knows about the running worker.
@@ -300,7 +323,8 @@ class Registry:
         async def probe(worker: Worker) -> None:
             try:
                 async with session.get(
-                    worker.url + "/models", timeout=aiohttp.ClientTimeout(total=timeout_s)
+                    worker.url + "/models", timeout=aiohttp.ClientTimeout(total=timeout_s),
+                    headers=worker.auth_headers(),
                 ) as response:
                     ok = response.status < 500
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):

@@ -1,0 +1,67 @@
+"""Workers that need an API key (`vllm serve --api-key`, `llama-server
+--api-key`): the queen sends the key named by `api_key_env` on requests and
+health probes, and never shows it."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from queen_harness import QueenHarness, eventually
+
+KEY = "sk-worker-7f3a9c"
+
+
+@pytest.fixture
+def harness(tmp_path, monkeypatch):
+    monkeypatch.setenv("RBEE_TEST_WORKER_KEY", KEY)
+    workers = [{"id": "locked", "model": "m", "slots": 2, "fake_api_key": KEY,
+                "api_key_env": "RBEE_TEST_WORKER_KEY"}]
+    h = QueenHarness(tmp_path, workers).start()
+    yield h
+    h.close()
+
+
+def test_requests_and_probes_carry_the_key_and_it_is_never_shown(harness):
+    fake = harness.fakes["locked"]
+    answer = harness.openai().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert answer.choices[0].message.content
+    assert fake.last_request["headers"]["Authorization"] == f"Bearer {KEY}"
+    # Probes run every 100 ms; a probe without the key would mark it down.
+    probes = fake.probes
+    assert eventually(lambda: fake.probes >= probes + 3)
+    assert harness.queen.registry.workers["locked"].status == "ready"
+    with harness.http() as http:
+        for path in ("/v1/state", "/v1/workers", "/v1/decisions", "/metrics"):
+            response = http.get(path)
+            assert response.status_code == 200
+            assert KEY not in response.text and "RBEE_TEST_WORKER_KEY" not in response.text
+
+
+def test_the_worker_refuses_requests_without_the_key(harness):
+    """The fake worker checks keys as a real one does, so the test above
+    would fail if the queen did not send it."""
+    fake = harness.fakes["locked"]
+    response = httpx.post(fake.url + "/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_registered_worker_names_its_key_too(harness, monkeypatch):
+    fake = harness.fakes["locked"]
+    spec = {"id": "late", "url": fake.url, "model": "m", "api_key_env": "RBEE_TEST_NO_SUCH_KEY"}
+    monkeypatch.delenv("RBEE_TEST_NO_SUCH_KEY", raising=False)
+    with harness.http() as http:
+        refused = http.post("/v1/workers", json=spec)
+        assert refused.status_code == 400
+        assert "RBEE_TEST_NO_SUCH_KEY" in refused.json()["error"]["message"]
+        monkeypatch.setenv("RBEE_TEST_NO_SUCH_KEY", KEY)
+        added = http.post("/v1/workers", json=spec)
+        assert added.status_code == 201 and KEY not in added.text
+        assert http.delete("/v1/workers/locked").status_code == 200
+    raw = harness.openai().chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert raw.headers["x-rbee-worker"] == "late"
+    assert fake.last_request["headers"]["Authorization"] == f"Bearer {KEY}"
