@@ -55,6 +55,9 @@ class Queen:
             self.tenants.upsert(tenant.model_dump(exclude_none=True))
         self._vram_of = {name: m.vram_required for m in config.models if m.vram_required
                          for name in [m.id, *m.aliases]}
+        # Every name of a configured model (its id and aliases), by each name.
+        self._names_of = {name: frozenset([m.id, *m.aliases]) for m in config.models
+                          for name in [m.id, *m.aliases]}
         # Weighted fair queuing: the virtual time, and each tenant's last finish tag.
         self._vclock = 0.0
         self._last_finish: dict[str, float] = {}
@@ -133,6 +136,19 @@ class Queen:
                         **common))
         at = now_ms()
         return [j.to_script(at) for j in jobs]
+
+    def model_on(self, worker: Worker, model: str | None) -> str | None:
+        """The name `worker` knows the job's model by, when it is not the one
+        the client asked for: a job for an alias may go to a worker that
+        serves the model under its id or another alias (policies match
+        aliases), and a real server refuses names it does not serve."""
+        if model is None:
+            return None
+        served = worker.models
+        if model in served:
+            return None
+        names = self._names_of.get(model, ())
+        return next((name for name in served if name in names), None)
 
     # -- deciding ------------------------------------------------------------
 

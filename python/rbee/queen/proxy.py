@@ -136,6 +136,10 @@ class Proxy:
 
     async def _open(self, job: Job, worker: Worker, payload: bytes) -> UpstreamResponse:
         remaining = max(1.0, (job.created_at + job.timeout_ms - now_ms()) / 1000)
+        name = self.queen.model_on(worker, job.model)
+        if name is not None:
+            # Asked for by an alias this worker does not know: send its name.
+            payload = orjson.dumps({**orjson.loads(payload), "model": name})
         try:
             response = await self.upstream.post(
                 worker.url, job.path, payload,

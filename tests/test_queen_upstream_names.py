@@ -1,6 +1,7 @@
-"""Workers that need an API key (`vllm serve --api-key`, `llama-server
---api-key`): the queen sends the key named by `api_key_env` on requests and
-health probes, and never shows it."""
+"""What real inference servers insist on: an API key (`vllm serve
+--api-key`, `llama-server --api-key`), sent from `api_key_env` on requests
+and probes and never shown; and the model name they serve, sent in place of
+an alias the client used."""
 
 from __future__ import annotations
 
@@ -65,3 +66,31 @@ def test_a_registered_worker_names_its_key_too(harness, monkeypatch):
         model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert raw.headers["x-rbee-worker"] == "late"
     assert fake.last_request["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+def test_a_job_for_an_alias_reaches_the_worker_under_the_name_it_serves(tmp_path):
+    """Policies match aliases (`with_model`), so a job for `llama3-8b` may go
+    to a worker that serves `llama-3.1-8b-instruct`; a real server refuses a
+    name it does not serve, so the queen sends the worker's."""
+    workers = [{"id": "w", "models": ["llama-3.1-8b-instruct"], "slots": 2}]
+    models = [{"id": "llama-3.1-8b-instruct", "aliases": ["llama3-8b", "llama3.1:8b"]}]
+    h = QueenHarness(tmp_path, workers, config={"models": models}).start()
+    try:
+        fake = h.fakes["w"]
+        api = h.openai()
+        answer = api.chat.completions.create(
+            model="llama3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert answer.model == "llama-3.1-8b-instruct"
+        assert fake.last_request["json"]["model"] == "llama-3.1-8b-instruct"
+        assert fake.last_request["json"]["max_tokens"] == 3
+        stream = api.chat.completions.create(
+            model="llama3.1:8b", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+            stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert fake.last_request["json"]["model"] == "llama-3.1-8b-instruct"
+        # The name the worker serves goes as it came.
+        api.chat.completions.create(
+            model="llama-3.1-8b-instruct", messages=[{"role": "user", "content": "x"}])
+        assert fake.last_request["json"]["model"] == "llama-3.1-8b-instruct"
+    finally:
+        h.close()
