@@ -8,7 +8,7 @@
 use rhai::{Dynamic, Engine, ImmutableString, Map};
 
 /// HTTP statuses a policy may choose for `reject(code, status)`.
-pub const REJECT_STATUSES: &[i64] = &[400, 403, 409, 429, 503];
+pub const REJECT_STATUSES: &[i64] = &[400, 403, 404, 409, 429, 503];
 /// Codes that mean "try again later" and so answer 429 by default.
 pub const CODES_429: &[&str] = &["quota_exceeded", "rate_limited", "queue_full", "capacity"];
 
@@ -46,7 +46,7 @@ impl Reject {
             Some(s) if REJECT_STATUSES.contains(&s) => s,
             Some(s) => {
                 return Err(format!(
-                    "reject(\"{code}\", {s}): status must be one of 400, 403, 409, 429, 503"
+                    "reject(\"{code}\", {s}): status must be one of 400, 403, 404, 409, 429, 503"
                 ))
             }
             None if CODES_429.contains(&code.as_str()) => 429,

@@ -427,7 +427,7 @@ def test_decision_values_in_script() -> None:
 
 @pytest.mark.parametrize("status", [200, 418, 500, 0, -1])
 def test_reject_with_an_invalid_status_is_an_error(status: int) -> None:
-    with pytest.raises(PolicyRuntimeError, match="400, 403, 409, 429, 503"):
+    with pytest.raises(PolicyRuntimeError, match="400, 403, 404, 409, 429, 503"):
         run(f'reject("nope", {status})')
 
 

@@ -79,7 +79,7 @@ rules:
     ("rules:\n  - {name: A, condition: true, action: {selct: x}}\n",
      "action.selct: unknown action (did you mean 'select'?)", 2, "selct"),
     ("rules:\n  - {name: A, condition: true, action: {reject: {code: x, status: 200}}}\n",
-     "action.reject.status: expected one of 400, 403, 409, 429, 503, got a number (200)",
+     "action.reject.status: expected one of 400, 403, 404, 409, 429, 503, got a number (200)",
      2, "200"),
     ("rules:\n  - {name: A, condition: true, action: {reject: {status: 429}}}\n",
      "action.reject.code: missing", 2, "{status"),

@@ -18,6 +18,9 @@ from queen_harness import QueenHarness, eventually, new_event
 EU = {"region": "EU", "country": "NL", "latitude": 52.37, "longitude": 4.90}
 US = {"region": "US", "country": "US", "latitude": 40.71, "longitude": -74.0}
 
+# Declared in the configuration, served by no worker: a job for it waits.
+WAITING_MODEL = "declared-but-unserved"
+
 WORKERS = [
     {"id": "big-box", "models": ["llama-3.1-70b-instruct"], "gpus": 2, "slots": 2,
      "backend": "cuda", "cost_per_token": 9e-7, "tokens_per_sec": 30, "latency_ms": 300,
@@ -39,7 +42,7 @@ PICK_BY_ID = 'fn schedule_job(job, pools, workers) {{ workers.by_id("{id}") }}'
 
 @pytest.fixture
 def harness(tmp_path):
-    h = QueenHarness(tmp_path, WORKERS).start()
+    h = QueenHarness(tmp_path, WORKERS, config={"models": [{"id": WAITING_MODEL}]}).start()
     yield h
     h.close()
 
@@ -364,10 +367,27 @@ def test_bad_requests_name_the_field(harness):
 def test_a_job_that_cannot_run_in_time_ends_with_a_clear_error(harness):
     with harness.http() as http:
         response = http.post("/v1/chat/completions", headers={"X-Rbee-Deadline-Ms": "300"},
-                             json={"model": "no-such-model",
+                             json={"model": WAITING_MODEL,
                                    "messages": [{"role": "user", "content": "x"}]})
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_a_model_nobody_knows_is_refused_at_once_by_the_default_policy(harness):
+    with harness.openai() as api, pytest.raises(openai.NotFoundError) as refused:
+        api.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert refused.value.code == "model_not_found"
+    # A model only a down worker serves is waited for: the worker may come back.
+    worker = harness.queen.registry.workers["fast-us"]
+    with harness.http() as http:
+        http.post("/v1/workers", json={**worker.attrs, "id": "gone", "url": "http://127.0.0.1:9",
+                                       "models": ["offline-model"]})
+        assert eventually(lambda: harness.queen.registry.workers["gone"].status == "down")
+        response = http.post("/v1/chat/completions", headers={"X-Rbee-Deadline-Ms": "300"},
+                             json={"model": "offline-model",
+                                   "messages": [{"role": "user", "content": "x"}]})
+    assert response.status_code == 504
 
 
 def test_the_pump_wakes_at_a_deadline_that_comes_before_the_retry_timer(tmp_path):
@@ -449,7 +469,11 @@ def test_validate_and_preview_have_no_side_effects(harness):
         assert [d["worker_id"] for d in again.json()["decisions"]] == picks
         state = {"workers": [{"id": "only", "slots": 1}]}
         given = http.post("/v1/scheduler/preview", json={"jobs": jobs[:1], "state": state})
-        assert given.json()["decisions"][0]["kind"] == "wait"  # the default needs the model
+        # The default refuses a model that neither the given state nor the
+        # configuration knows.
+        first = given.json()["decisions"][0]
+        assert (first["kind"], first["reason"], first["status"]) == \
+            ("reject", "model_not_found", 404)
         assert http.get("/v1/scheduler").json()["version"] == 1
         assert len(http.get("/v1/scheduler/versions").json()["versions"]) == 1
     assert harness.queen.decisions.maxlen and not list(harness.queen.decisions)

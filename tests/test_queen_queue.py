@@ -107,7 +107,7 @@ def test_wait_with_a_timer_is_looked_at_again(tmp_path):
         h.close()
 
 
-@pytest.mark.parametrize("status", [400, 403, 409, 429, 503])
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 429, 503])
 def test_reject_statuses_reach_the_client(tmp_path, status):
     h = QueenHarness(tmp_path, ONE_SLOT).start()
     try:

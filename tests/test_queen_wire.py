@@ -72,7 +72,8 @@ def loop_factory(request):
 
 @pytest.fixture
 def harness(tmp_path, loop_factory):
-    h = QueenHarness(tmp_path, WORKERS, loop_factory=loop_factory).start()
+    h = QueenHarness(tmp_path, WORKERS, config={"models": [{"id": "nobody-serves-this"}]},
+                     loop_factory=loop_factory).start()
     yield h
     h.close()
 
@@ -522,7 +523,7 @@ def test_idle_connections_are_closed_after_the_keepalive(tmp_path, monkeypatch, 
 
 def test_unknown_model_and_bad_json_answer_in_the_openai_shape(harness, caplog):
     with RawClient(harness.port) as client:
-        client.send(chat(model="no-such-model", headers={"X-Rbee-Deadline-Ms": "300"}))
+        client.send(chat(model="nobody-serves-this", headers={"X-Rbee-Deadline-Ms": "300"}))
         assert_error(client.reply(), 504, "deadline_exceeded", "scheduler_error")
         # An expired deadline is an answer, not a failure of the queen.
         assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -60,7 +60,7 @@ def test_retry_later_codes_give_429(code: str) -> None:
     assert (d.kind, d.reason, d.status) == ("reject", code, 429)
 
 
-@pytest.mark.parametrize("status", [400, 403, 409, 429, 503])
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 429, 503])
 def test_reject_with_an_explicit_status(status: int) -> None:
     d = run(f'reject("policy_says_no", {status})')
     assert (d.kind, d.reason, d.status) == ("reject", "policy_says_no", status)

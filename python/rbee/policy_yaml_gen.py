@@ -24,7 +24,7 @@ RULE_LOG_PREFIX = "rbee:rule:"
 CONDITIONS = ("model", "model_contains", "task_type", "priority", "tenant", "region",
               "tags", "max_tokens_over", "expr", "all", "any", "not")
 ACTIONS = ("select", "reject", "wait")
-REJECT_STATUSES = (400, 403, 409, 429, 503)  # as src/verdict.rs allows
+REJECT_STATUSES = (400, 403, 404, 409, 429, 503)  # as src/verdict.rs allows
 _RULE_KEYS = ("name", "description", "condition", "action")
 _TOP_KEYS = ("rules", "description")
 # A condition weighing more is computed in statements, not inline (Rhai fails

@@ -35,8 +35,13 @@ State = _engine.State
 DEFAULT_POLICY_SOURCE = """\
 // rbee built-in default policy
 fn schedule_job(job, pools, workers) {
-    let candidates = if job.model == () { workers } else { workers.with_model(job.model) };
-    candidates.available().least_loaded()
+    if job.model == () { return workers.available().least_loaded(); }
+    // A model no worker serves, whatever its status, and the configuration
+    // does not name: waiting for it would only end in a timeout.
+    if !model_exists(job.model) && all_workers.with_model(job.model).is_empty() {
+        return reject("model_not_found", 404);
+    }
+    workers.with_model(job.model).available().least_loaded()
 }
 """
 
