@@ -467,8 +467,10 @@ pub fn check_update(id: &str, fields: &Map) -> Result<(), ConvertError> {
             "id" => "no other id (an id cannot change: remove the worker, upsert the new one)",
             "status" if value.is_string() => continue,
             "status" => "a string",
-            "active" | "slots" if whole(value).is_some() => continue,
-            "active" | "slots" => "a whole number",
+            // A negative count would make `load` negative: the busiest
+            // worker would look the idlest.
+            "active" | "slots" if whole(value).is_some_and(|n| n >= 0) => continue,
+            "active" | "slots" => "a whole number, 0 or more",
             "load" if value.is_int() || value.is_float() => continue,
             "load" => "a number",
             _ => continue,

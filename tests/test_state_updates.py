@@ -232,11 +232,13 @@ def test_a_given_load_survives_updates_that_do_not_touch_the_counts() -> None:
 
 
 @pytest.mark.parametrize("fields, field, expected", [
-    ({"active": "3"}, "active", 'expected a whole number, got "3" (str)'),
-    ({"active": 1.5}, "active", "expected a whole number, got 1.5 (float)"),
-    ({"active": True}, "active", "expected a whole number, got True (bool)"),
-    ({"slots": None}, "slots", "expected a whole number, got None (NoneType)"),
-    ({"slots": [2]}, "slots", "expected a whole number, got [...] (list)"),
+    ({"active": "3"}, "active", 'expected a whole number, 0 or more, got "3" (str)'),
+    ({"active": 1.5}, "active", "expected a whole number, 0 or more, got 1.5 (float)"),
+    ({"active": True}, "active", "expected a whole number, 0 or more, got True (bool)"),
+    ({"slots": None}, "slots", "expected a whole number, 0 or more, got None (NoneType)"),
+    ({"slots": [2]}, "slots", "expected a whole number, 0 or more, got [...] (list)"),
+    ({"active": -1}, "active", "expected a whole number, 0 or more, got -1 (int)"),
+    ({"slots": -2.0}, "slots", "expected a whole number, 0 or more, got -2.0 (float)"),
     ({"status": 3}, "status", "expected a string, got 3 (int)"),
     ({"status": None}, "status", "expected a string, got None (NoneType)"),
     ({"load": "high"}, "load", 'expected a number, got "high" (str)'),

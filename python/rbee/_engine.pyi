@@ -25,7 +25,7 @@ class State:
 
         KeyError when no worker has that id. ``ValueConversionError`` (a
         ``TypeError``), naming the field, when a value cannot be converted or
-        ``status`` is not a string, ``active``/``slots`` not whole numbers,
+        ``status`` is not a string, ``active``/``slots`` not whole numbers of 0 or more,
         ``load`` not a number, or ``id`` differs from ``worker_id``.
         """
     def remove_worker(self, worker_id: str) -> None:
