@@ -8,7 +8,11 @@ concurrency 1 and 32, and its throughput at 32 as a share of direct. Rounds
 alternate the targets; figures are medians over rounds. docs/benchmarks.md
 ("Choosing the HTTP stack") records a run.
 
-    python bench/bench_http_stacks.py [--rounds 3] [--scale 1.0] [--json OUT]
+With --rust it also builds (cargo) and measures bench/rust_passthrough, the
+same pass-through in Rust with hyper: what forwarding would cost were it
+moved out of Python.
+
+    python bench/bench_http_stacks.py [--rounds 3] [--scale 1.0] [--rust] [--json OUT]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,9 +36,13 @@ PHASES = (("latency", 1, False, 1500, 8.0), ("throughput", 32, False, 4000, 7.0)
 def start_passthrough(workdir: Path, server: str, client: str, upstream: str) -> tuple[Service,
                                                                                          str]:
     name = f"{server}-server+{client}-client"
-    service = Service(name, [sys.executable, str(HERE / "passthrough.py"), "--server", server,
-                             "--client", client, "--port", str(free_port()),
-                             "--upstream", upstream], workdir / f"{name}.log")
+    return _ready(Service(name, [sys.executable, str(HERE / "passthrough.py"), "--server",
+                                 server, "--client", client, "--port", str(free_port()),
+                                 "--upstream", upstream], workdir / f"{name}.log"))
+
+
+def _ready(service: Service) -> tuple[Service, str]:
+    """Waits for the `READY <url>` line of a pass-through and one answer."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         for line in service.log_path.read_text(errors="replace").splitlines():
@@ -43,7 +52,22 @@ def start_passthrough(workdir: Path, server: str, client: str, upstream: str) ->
                 return service, url
         time.sleep(0.1)
     service.stop()
-    raise RuntimeError(f"{name} did not start:\n{service.tail()}")
+    raise RuntimeError(f"{service.name} did not start:\n{service.tail()}")
+
+
+def build_rust() -> Path:
+    """Builds bench/rust_passthrough in release mode; answers the binary."""
+    crate = HERE / "rust_passthrough"
+    print("  building the Rust pass-through (cargo build --release)", file=sys.stderr,
+          flush=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path",
+                    str(crate / "Cargo.toml")], check=True)
+    return crate / "target" / "release" / "rust-passthrough"
+
+
+def start_rust(workdir: Path, binary: Path, upstream: str) -> tuple[Service, str]:
+    return _ready(Service("rust-hyper", [str(binary), "--port", str(free_port()),
+                                         "--upstream", upstream], workdir / "rust-hyper.log"))
 
 
 def main() -> None:
@@ -51,7 +75,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--json", metavar="OUT")
+    parser.add_argument("--rust", action="store_true",
+                        help="also build and measure the Rust (hyper) pass-through")
     args = parser.parse_args()
+    rust = build_rust() if args.rust else None
     phases = [[n, c, s, max(20, int(count * args.scale)), cap] for n, c, s, count, cap in PHASES]
     workdir = Path(tempfile.mkdtemp(prefix="rbee-stacks-"))
     upstream, upstream_url = start_upstream(workdir)
@@ -59,6 +86,9 @@ def main() -> None:
     try:
         for server, client in PAIRINGS:
             service, url = start_passthrough(workdir, server, client, upstream_url)
+            services[service.name] = (service, url)
+        if rust is not None:
+            service, url = start_rust(workdir, rust, upstream_url)
             services[service.name] = (service, url)
         for name, (service, url) in services.items():
             print(f"  {name}: warming up", file=sys.stderr, flush=True)
