@@ -285,17 +285,51 @@ def test_a_head_that_keeps_growing_is_refused_with_431(harness, header, behind):
     assert eventually(lambda: not harness.runner.wire.connections)
 
 
+H2C = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+       "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"}
+
+
 @pytest.mark.parametrize("behind", [False, True], ids=["alone", "behind-another"])
-def test_a_protocol_upgrade_gets_one_refusal(harness, behind):
-    upgrade = chat(headers={"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
-                            "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"})
+def test_an_upgrade_to_h2c_is_ignored_and_answered_in_http11(harness, behind):
+    # What `curl --http2` sends on plain HTTP; the request after it on the
+    # same connection goes to a fresh parser.
+    upgrade = chat(max_tokens=2, headers=H2C)
     with RawClient(harness.port) as client:
-        client.send((chat(model="slow-m", max_tokens=4) if behind else b"") + upgrade)
+        client.send((chat(model="slow-m", max_tokens=4) if behind else b"") + upgrade + chat())
         if behind:
             assert_chat(client.reply(), worker="slow", tokens=4)
+        answered = client.reply()
+        assert_chat(answered, tokens=2)
+        assert "connection" not in answered.headers and "upgrade" not in answered.headers
+        assert_chat(client.reply())
+        assert_chat(client.ask("POST", "/v1/chat/completions", chat_body(max_tokens=1)),
+                    tokens=1)
+    assert harness.fakes["fast"].requests == 3
+
+
+def test_an_upgrade_request_body_may_arrive_in_pieces(harness):
+    upgrade = chat(headers=H2C)
+    cut = upgrade.index(b"\r\n\r\n") + 10  # the head and a little of the body
+    with RawClient(harness.port) as client:
+        client.send(upgrade[:cut])
+        time.sleep(0.2)
+        client.send(upgrade[cut:-3])
+        time.sleep(0.2)
+        client.send(upgrade[-3:] + chat(max_tokens=1))
+        assert_chat(client.reply())
+        assert_chat(client.reply(), tokens=1)
+
+
+def test_an_upgrade_request_with_a_chunked_body_is_refused(harness):
+    body = json.dumps(chat_body()).encode()
+    chunked = request("POST", "/v1/chat/completions",
+                      b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+                      headers={**H2C, "Transfer-Encoding": "chunked"})
+    with RawClient(harness.port) as client:
+        client.send(chunked)
         refused = client.reply()
         error = assert_error(refused, 400, "bad_request", "invalid_request_error")
-        assert "upgrade" in error["message"]
+        assert "Content-Length" in error["message"]
         assert refused.headers["connection"] == "close"
         assert client.at_eof()
     assert harness.fakes["fast"].requests == 0

@@ -15,6 +15,10 @@ connection therefore keep working, just on the slower path. One case is
 refused: a non-inference request pipelined behind another request in the
 same read, whose start in the byte stream is unknown (answered with 400;
 HTTP clients in use do not pipeline).
+
+A request that asks to switch protocols (`Upgrade: h2c`, which `curl --http2`
+sends on plain HTTP) is answered in HTTP/1.1 on the same connection, as a
+server may do (RFC 9110, 7.8).
 """
 
 from __future__ import annotations
@@ -184,6 +188,13 @@ class Connection(asyncio.Protocol):
         self._handing_off = False
         # A refusal decided inside a parser callback, sent once parsing stops.
         self._stop: _Refuse | None = None
+        # A request whose Upgrade is ignored: the parser stops at its head,
+        # so its body is counted out here. (method, path, headers, HTTP/1.1,
+        # refusal), then the bytes still to come and those come so far.
+        self._upgrade: tuple[bytes, bytes, CIMultiDict[str], bool, _Refuse | None] | None = None
+        self._upgrade_reading = False
+        self._upgrade_left = 0
+        self._upgrade_body: list[bytes] = []
 
     # -- asyncio -------------------------------------------------------------
 
@@ -200,6 +211,9 @@ class Connection(asyncio.Protocol):
         if self._handing_off:
             assert self._raw is not None
             self._raw += data
+            return
+        if self._upgrade_reading:
+            self._take_upgrade_body(data)
             return
         if self._raw is not None:
             self._raw += data
@@ -227,8 +241,8 @@ class Connection(asyncio.Protocol):
                                  "internal_error")
                 return
             self._try_hand_off()
-        except httptools.HttpParserUpgrade:
-            self._refuse_now(400, "protocol upgrades are not supported here", "bad_request")
+        except httptools.HttpParserUpgrade as exc:
+            self._ignore_upgrade(data[exc.args[0]:] if exc.args else b"")
         except httptools.HttpParserError as exc:
             self._refuse_now(400, f"malformed HTTP request: {exc}", "bad_request")
 
@@ -320,15 +334,62 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_message = False
         parser = self.parser
+        path = b"".join(self._url).partition(b"?")[0]
         if parser.should_upgrade():
-            # The parser ended this request at its head (what follows would be
-            # the new protocol): the refusal that follows is its one answer.
+            # The parser ended this request at its head: what follows would
+            # be the new protocol. `_ignore_upgrade` reads the body instead.
+            self._upgrade = (parser.get_method(), path, CIMultiDict(self._headers),
+                             parser.get_http_version() == "1.1", self._refused)
             return
-        request = _Request(parser.get_method(), b"".join(self._url).partition(b"?")[0],
-                           CIMultiDict(self._headers),
-                           self._body[0] if len(self._body) == 1 else b"".join(self._body),
-                           parser.should_keep_alive() and self._refused is None,
-                           parser.get_http_version() == "1.1", self._refused)
+        self._enqueue(_Request(
+            parser.get_method(), path, CIMultiDict(self._headers),
+            self._body[0] if len(self._body) == 1 else b"".join(self._body),
+            parser.should_keep_alive() and self._refused is None,
+            parser.get_http_version() == "1.1", self._refused))
+
+    # -- a request asking for another protocol ---------------------------------
+
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """The parser stopped after the head of a request that asks to switch
+        protocols; `rest` is what followed it in the last read."""
+        upgrade = self._upgrade
+        if upgrade is None:  # a head the parser did not finish (CONNECT)
+            self._refuse_now(400, "this kind of request is not supported here", "bad_request")
+            return
+        headers = upgrade[2]
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self._upgrade = None
+            self._refuse_now(400, "a request that asks for a protocol upgrade must give its "
+                             "body's length (Content-Length), not send it in chunks",
+                             "bad_request")
+            return
+        length = headers.get("content-length", "0").strip()
+        self.parser = httptools.HttpRequestParser(self)  # this one is spent
+        self._upgrade_left = int(length) if length.isdigit() else 0
+        self._upgrade_body = []
+        self._upgrade_reading = True
+        self._in_message = True
+        self._take_upgrade_body(rest)
+
+    def _take_upgrade_body(self, data: bytes) -> None:
+        take = data[:self._upgrade_left]
+        if take:
+            self._upgrade_body.append(take)
+            self._upgrade_left -= len(take)
+        if self._upgrade_left:
+            return
+        assert self._upgrade is not None
+        method, path, headers, http11, refused = self._upgrade
+        self._upgrade, self._upgrade_reading, self._in_message = None, False, False
+        body, self._upgrade_body = b"".join(self._upgrade_body), []
+        closing = "close" in headers.get("connection", "").lower()
+        self._enqueue(_Request(method, path, headers, body,
+                               http11 and not closing and refused is None, http11, refused))
+        if len(data) > len(take):
+            # The next request, to the fresh parser.
+            self.data_received(data[len(take):])
+
+    def _enqueue(self, request: _Request) -> None:
         self.pending.append(request)
         if len(self.pending) >= _PENDING_MAX and self.transport is not None:
             self._paused = True
