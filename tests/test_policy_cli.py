@@ -281,3 +281,32 @@ def test_the_readme_yaml_examples_work(tmp_path):
     (tmp_path / "state.yaml").write_text((TEMPLATES / "tests" / "state.yaml").read_text())
     result = rbee("policy", "test", str(tmp_path / "scheduler.test.yaml"))
     assert result.returncode == 0, result.stdout
+
+
+def test_the_readme_rhai_policies_compile_and_the_404_one_decides(tmp_path):
+    """Every Rhai policy of the README compiles; the one that refuses unknown
+    models dispatches a served model and refuses one nobody serves."""
+    import re
+
+    blocks = re.findall(r"```rhai\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    policies = [b for b in blocks if "fn schedule_job" in b]
+    assert len(policies) >= 2
+    for number, source in enumerate(policies):
+        path = tmp_path / f"readme-{number}.rhai"
+        path.write_text(source)
+        checked = rbee("policy", "check", str(path))
+        assert checked.returncode == 0, (source, checked.stdout, checked.stderr)
+    refusing = next(number for number, source in enumerate(policies)
+                    if "model_not_found" in source)
+    state = str(EXAMPLES / "state.json")
+    served = json.loads((EXAMPLES / "job.json").read_text())
+    for model, kind in (("llama-3.1-8b-instruct", "dispatch"), ("no-such-model", "reject")):
+        job = tmp_path / f"{kind}.json"
+        job.write_text(json.dumps({**served, "model": model}))
+        result = rbee("policy", "decide", str(tmp_path / f"readme-{refusing}.rhai"),
+                      "--state", state, "--job", str(job))
+        assert result.returncode == 0, result.stderr
+        decision = json.loads(result.stdout)
+        assert decision["kind"] == kind, decision
+        if kind == "reject":
+            assert (decision["reason"], decision["status"]) == ("model_not_found", 404)
