@@ -1,7 +1,8 @@
 """What real inference servers insist on: an API key (`vllm serve
 --api-key`, `llama-server --api-key`), sent from `api_key_env` on requests
 and probes and never shown; and the model name they serve, sent in place of
-an alias the client used."""
+an alias the client used. And what tools ask before they use a model:
+`models.retrieve`, by id or alias."""
 
 from __future__ import annotations
 
@@ -92,5 +93,38 @@ def test_a_job_for_an_alias_reaches_the_worker_under_the_name_it_serves(tmp_path
         api.chat.completions.create(
             model="llama-3.1-8b-instruct", messages=[{"role": "user", "content": "x"}])
         assert fake.last_request["json"]["model"] == "llama-3.1-8b-instruct"
+    finally:
+        h.close()
+
+
+def test_models_retrieve_finds_a_model_by_id_alias_or_slashed_name(tmp_path):
+    """`client.models.retrieve` (GET /v1/models/{id}), which tools call to
+    check a model before using it: what the list shows, by id or alias; a
+    model no worker that is up serves is a 404 in the OpenAI shape."""
+    import openai
+
+    workers = [{"id": "w", "models": ["llama-3.1-8b-instruct", "Qwen/Qwen2.5-7B-Instruct"]},
+               {"id": "gone", "models": ["old-model"]}]
+    models = [{"id": "llama-3.1-8b-instruct", "aliases": ["llama3-8b"]},
+              {"id": "declared-only"}]
+    h = QueenHarness(tmp_path, workers, config={"models": models}).start()
+    try:
+        h.fakes["gone"].down = True
+        assert eventually(lambda: h.queen.registry.workers["gone"].status == "down")
+        with h.openai() as api:
+            model = api.models.retrieve("llama-3.1-8b-instruct")
+            assert (model.id, model.object, model.owned_by) == (
+                "llama-3.1-8b-instruct", "model", "rbee")
+            assert model.model_extra["rbee"] == {"workers": ["w"]}
+            assert api.models.retrieve("llama3-8b").model_extra["rbee"] == {"workers": ["w"]}
+            assert api.models.retrieve("Qwen/Qwen2.5-7B-Instruct").id == \
+                "Qwen/Qwen2.5-7B-Instruct"
+            listed = {m.id for m in api.models.list().data}
+            assert listed == {"llama-3.1-8b-instruct", "Qwen/Qwen2.5-7B-Instruct"}
+            for missing in ("no-such-model", "declared-only", "old-model"):
+                with pytest.raises(openai.NotFoundError) as info:
+                    api.models.retrieve(missing)
+                assert info.value.body["code"] == "model_not_found"
+                assert missing in info.value.body["message"]
     finally:
         h.close()

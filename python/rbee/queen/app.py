@@ -170,6 +170,22 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(model_list(request.app[QUEEN]))
 
 
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model} (the SDKs' `models.retrieve`): the model as the
+    list shows it, found by its id or, through `models:`, by an alias of a
+    name a worker serves. Ids may hold slashes (`Qwen/Qwen2.5-7B`)."""
+    queen = request.app[QUEEN]
+    wanted = request.match_info["model"]
+    served = queen.registry.served_models()
+    names = [wanted, *sorted(queen.names_of(wanted) - {wanted})]
+    workers = sorted({w for name in names for w in served.get(name, ())})
+    if not workers:
+        return error_response(404, f"the model '{wanted}' does not exist or no worker that "
+                              "is up serves it", "model_not_found")
+    return web.json_response({"id": wanted, "object": "model", "created": 0,
+                              "owned_by": "rbee", "rbee": {"workers": workers}})
+
+
 # -- native jobs -----------------------------------------------------------------
 
 class JobEvents:
@@ -544,6 +560,7 @@ def build_app(queen: Queen, admin_token: str = "") -> web.Application:
     for endpoint in ENDPOINTS:
         app.router.add_post("/v1/" + endpoint.replace(".", "/"), inference(endpoint))
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/jobs", submit_job)
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_get("/v1/jobs/{job_id}/events", job_events)

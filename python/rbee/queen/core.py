@@ -137,6 +137,11 @@ class Queen:
         at = now_ms()
         return [j.to_script(at) for j in jobs]
 
+    def names_of(self, model: str) -> set[str]:
+        """The id and aliases `models:` gives the model named `model` (by
+        either); empty for a model the configuration does not declare."""
+        return set(self._names_of.get(model, ()))
+
     def model_on(self, worker: Worker, model: str | None) -> str | None:
         """The name `worker` knows the job's model by, when it is not the one
         the client asked for: a job for an alias may go to a worker that
