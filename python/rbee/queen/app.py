@@ -177,7 +177,7 @@ async def get_model(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
     wanted = request.match_info["model"]
     served = queen.registry.served_models()
-    names = [wanted, *sorted(queen.names_of(wanted) - {wanted})]
+    names = {wanted} | queen.names_of(wanted)
     workers = sorted({w for name in names for w in served.get(name, ())})
     if not workers:
         return error_response(404, f"the model '{wanted}' does not exist or no worker that "
