@@ -188,11 +188,11 @@ class Connection(asyncio.Protocol):
         self._handing_off = False
         # A refusal decided inside a parser callback, sent once parsing stops.
         self._stop: _Refuse | None = None
-        # A request whose Upgrade is ignored: the parser stops at its head,
-        # so its body is counted out here. (method, path, headers, HTTP/1.1,
-        # refusal), then the bytes still to come and those come so far.
-        self._upgrade: tuple[bytes, bytes, CIMultiDict[str], bool, _Refuse | None] | None = None
-        self._upgrade_reading = False
+        # The body length the request's head gave (Content-Length).
+        self._length = 0
+        # A request whose Upgrade is ignored, while its body is read: the
+        # parser stops at the head, so the body is counted out here.
+        self._upgrade: _Request | None = None
         self._upgrade_left = 0
         self._upgrade_body: list[bytes] = []
 
@@ -212,7 +212,7 @@ class Connection(asyncio.Protocol):
             assert self._raw is not None
             self._raw += data
             return
-        if self._upgrade_reading:
+        if self._upgrade is not None:
             self._take_upgrade_body(data)
             return
         if self._raw is not None:
@@ -308,8 +308,9 @@ class Connection(asyncio.Protocol):
                 "this connection; send it on its own connection", "pipelined_request")
         self._raw = None
         self._size = 0
-        length = next((int(v) for n, v in self._headers
-                       if n.lower() == "content-length" and v.strip().isdigit()), 0)
+        self._length = length = next((int(v) for n, v in self._headers
+                                      if n.lower() == "content-length" and v.strip().isdigit()),
+                                     0)
         if length > MAX_BODY_BYTES and self._refused is None:
             # Said up front: answer now rather than read and drop the body.
             self._stop = _Refuse(413, f"the body is larger than {MAX_BODY_BYTES} bytes",
@@ -334,18 +335,19 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._in_message = False
         parser = self.parser
-        path = b"".join(self._url).partition(b"?")[0]
+        request = _Request(parser.get_method(), b"".join(self._url).partition(b"?")[0],
+                           CIMultiDict(self._headers),
+                           self._body[0] if len(self._body) == 1 else b"".join(self._body),
+                           parser.should_keep_alive() and self._refused is None,
+                           parser.get_http_version() == "1.1", self._refused)
         if parser.should_upgrade():
             # The parser ended this request at its head: what follows would
             # be the new protocol. `_ignore_upgrade` reads the body instead.
-            self._upgrade = (parser.get_method(), path, CIMultiDict(self._headers),
-                             parser.get_http_version() == "1.1", self._refused)
+            closing = "close" in request.headers.get("connection", "").lower()
+            request.keep_alive = request.http11 and not closing and request.refused is None
+            self._upgrade = request
             return
-        self._enqueue(_Request(
-            parser.get_method(), path, CIMultiDict(self._headers),
-            self._body[0] if len(self._body) == 1 else b"".join(self._body),
-            parser.should_keep_alive() and self._refused is None,
-            parser.get_http_version() == "1.1", self._refused))
+        self._enqueue(request)
 
     # -- a request asking for another protocol ---------------------------------
 
@@ -356,18 +358,15 @@ class Connection(asyncio.Protocol):
         if upgrade is None:  # a head the parser did not finish (CONNECT)
             self._refuse_now(400, "this kind of request is not supported here", "bad_request")
             return
-        headers = upgrade[2]
-        if "chunked" in headers.get("transfer-encoding", "").lower():
+        if "chunked" in upgrade.headers.get("transfer-encoding", "").lower():
             self._upgrade = None
             self._refuse_now(400, "a request that asks for a protocol upgrade must give its "
                              "body's length (Content-Length), not send it in chunks",
                              "bad_request")
             return
-        length = headers.get("content-length", "0").strip()
         self.parser = httptools.HttpRequestParser(self)  # this one is spent
-        self._upgrade_left = int(length) if length.isdigit() else 0
+        self._upgrade_left = self._length
         self._upgrade_body = []
-        self._upgrade_reading = True
         self._in_message = True
         self._take_upgrade_body(rest)
 
@@ -378,13 +377,10 @@ class Connection(asyncio.Protocol):
             self._upgrade_left -= len(take)
         if self._upgrade_left:
             return
-        assert self._upgrade is not None
-        method, path, headers, http11, refused = self._upgrade
-        self._upgrade, self._upgrade_reading, self._in_message = None, False, False
-        body, self._upgrade_body = b"".join(self._upgrade_body), []
-        closing = "close" in headers.get("connection", "").lower()
-        self._enqueue(_Request(method, path, headers, body,
-                               http11 and not closing and refused is None, http11, refused))
+        request, self._upgrade, self._in_message = self._upgrade, None, False
+        assert request is not None
+        request.body, self._upgrade_body = b"".join(self._upgrade_body), []
+        self._enqueue(request)
         if len(data) > len(take):
             # The next request, to the fresh parser.
             self.data_received(data[len(take):])
