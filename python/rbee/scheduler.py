@@ -36,12 +36,15 @@ DEFAULT_POLICY_SOURCE = """\
 // rbee built-in default policy
 fn schedule_job(job, pools, workers) {
     if job.model == () { return workers.available().least_loaded(); }
+    let serving = workers.with_model(job.model);
     // A model no worker serves, whatever its status, and the configuration
-    // does not name: waiting for it would only end in a timeout.
-    if !model_exists(job.model) && all_workers.with_model(job.model).is_empty() {
+    // does not name: waiting for it would only end in a timeout. (Looked
+    // into only when no ready or busy worker serves it.)
+    if serving.is_empty() && !model_exists(job.model)
+            && all_workers.with_model(job.model).is_empty() {
         return reject("model_not_found", 404);
     }
-    workers.with_model(job.model).available().least_loaded()
+    serving.available().least_loaded()
 }
 """
 
