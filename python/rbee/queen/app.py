@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -157,13 +157,17 @@ def inference(endpoint: str) -> Handler:
     return handle
 
 
+def _model(model: str, workers: Iterable[str]) -> dict[str, Any]:
+    """A model as the OpenAI API shows one, with the workers serving it."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "rbee",
+            "rbee": {"workers": sorted(workers)}}
+
+
 def model_list(queen: Queen) -> dict[str, Any]:
     """GET /v1/models: what the workers serve."""
     served = queen.registry.served_models()
-    data = [{"id": model, "object": "model", "created": 0, "owned_by": "rbee",
-             "rbee": {"workers": sorted(workers)}}
-            for model, workers in sorted(served.items())]
-    return {"object": "list", "data": data}
+    return {"object": "list",
+            "data": [_model(model, workers) for model, workers in sorted(served.items())]}
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -177,13 +181,11 @@ async def get_model(request: web.Request) -> web.Response:
     queen = request.app[QUEEN]
     wanted = request.match_info["model"]
     served = queen.registry.served_models()
-    names = {wanted} | queen.names_of(wanted)
-    workers = sorted({w for name in names for w in served.get(name, ())})
+    workers = {w for name in {wanted} | queen.names_of(wanted) for w in served.get(name, ())}
     if not workers:
         return error_response(404, f"the model '{wanted}' does not exist or no worker that "
                               "is up serves it", "model_not_found")
-    return web.json_response({"id": wanted, "object": "model", "created": 0,
-                              "owned_by": "rbee", "rbee": {"workers": workers}})
+    return web.json_response(_model(wanted, workers))
 
 
 # -- native jobs -----------------------------------------------------------------

@@ -137,10 +137,10 @@ class Queen:
         at = now_ms()
         return [j.to_script(at) for j in jobs]
 
-    def names_of(self, model: str) -> set[str]:
+    def names_of(self, model: str) -> frozenset[str]:
         """The id and aliases `models:` gives the model named `model` (by
         either); empty for a model the configuration does not declare."""
-        return set(self._names_of.get(model, ()))
+        return self._names_of.get(model, frozenset())
 
     def model_on(self, worker: Worker, model: str | None) -> str | None:
         """The name `worker` knows the job's model by, when it is not the one
@@ -152,7 +152,7 @@ class Queen:
         served = worker.models
         if model in served:
             return None
-        names = self._names_of.get(model, ())
+        names = self.names_of(model)
         return next((name for name in served if name in names), None)
 
     # -- deciding ------------------------------------------------------------
