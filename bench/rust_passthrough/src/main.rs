@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -22,10 +23,12 @@ use tokio::net::TcpListener;
 
 type Upstream = Client<HttpConnector, Full<Bytes>>;
 
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
 fn answer(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    response.headers_mut().insert(CONTENT_TYPE, JSON);
     response
 }
 
@@ -42,7 +45,7 @@ async fn forward(
         return Ok(answer(StatusCode::BAD_REQUEST, Bytes::from_static(b"bad path")));
     };
     let mut outgoing = Request::post(uri).body(Full::new(body)).expect("a POST with a URI");
-    outgoing.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    outgoing.headers_mut().insert(CONTENT_TYPE, JSON);
     match upstream.request(outgoing).await {
         Ok(response) => {
             let status = response.status();
