@@ -1,8 +1,9 @@
 //! `rbee._engine`: the Rhai scheduling engine of rbee, as a Python extension.
 //!
-//! Python sees three things: `State` (the cluster snapshot, converted once),
-//! `CompiledPolicy` (a sandboxed policy that makes decisions) and `evaluate`
-//! (run a script in the sandbox). Everything else is in the `rbee` package.
+//! Python sees four things: `State` (the cluster snapshot, converted once),
+//! `CompiledPolicy` (a sandboxed policy that makes decisions), `evaluate`
+//! (run a script in the sandbox) and `simulate` (the event loop of
+//! `rbee simulate`). Everything else is in the `rbee` package.
 
 mod alloc;
 mod context;
@@ -13,6 +14,7 @@ mod limits;
 mod native;
 mod policy;
 mod record;
+mod simulate;
 mod state;
 mod verdict;
 
@@ -26,6 +28,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<state::State>()?;
     m.add_class::<policy::CompiledPolicy>()?;
     m.add_function(wrap_pyfunction!(policy::evaluate, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate::simulate, m)?)?;
     m.add("RHAI_VERSION", "1.27.0")?;
     Ok(())
 }

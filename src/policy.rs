@@ -131,7 +131,7 @@ pub struct CompiledPolicy {
     entry: rhai::Position,
 }
 
-enum Outcome {
+pub enum Outcome {
     Dispatch(ImmutableString),
     Reject(Reject),
     Wait(ImmutableString, Option<INT>),
@@ -332,6 +332,60 @@ fn job_id_of(job: &Map) -> ImmutableString {
     job.get("id").map(|v| v.to_string().into()).unwrap_or_default()
 }
 
+/// Everything one decision runs with, from the job and the state: the
+/// workers the script sees (without those the job already failed on), the
+/// clock, and the job's `max_tokens` for `estimated_time`.
+fn prepare(
+    job: Map,
+    state: Arc<StateData>,
+    now_ms: Option<INT>,
+    started: Instant,
+) -> (Call, Dynamic, Vec<ImmutableString>) {
+    let job_id = job_id_of(&job);
+    let failed: Vec<ImmutableString> = job
+        .get("failed_workers")
+        .and_then(|v| v.read_lock::<Array>().map(|a| a.iter().filter_map(text).collect()))
+        .unwrap_or_default();
+    let max_tokens = job.get("max_tokens").and_then(num).unwrap_or(256.0);
+    // The precomputed array serves unless this job has failed somewhere.
+    let workers = if failed.is_empty() {
+        state.eligible_dyn.clone()
+    } else {
+        let eligible = state.eligible_dyn.read_lock::<Array>();
+        freeze_array(
+            eligible
+                .iter()
+                .flat_map(|a| a.iter())
+                .filter(|w| text(&field(w, "id")).is_none_or(|id| !failed.contains(&id)))
+                .cloned()
+                .collect(),
+        )
+    };
+    let now = now_ms.or(state.now).unwrap_or_else(now_ms_fn);
+    let call = Call { job_id, state, workers, now, max_tokens, started };
+    (call, Dynamic::from_map(job), failed)
+}
+
+impl CompiledPolicy {
+    /// One decision for a caller in Rust (the simulator), on the calling
+    /// thread: the outcome and how many actions came with it, or the class of
+    /// the error (`PolicyRuntimeError`, `PolicyTimeout`, ...) when it failed.
+    pub fn decide_native(
+        &self,
+        job: Map,
+        state: Arc<StateData>,
+        now_ms: INT,
+    ) -> Result<(Outcome, usize), &'static str> {
+        let (call, job_dyn, failed) = prepare(job, state, Some(now_ms), Instant::now());
+        let (result, _, _) = self.run(&self.engine, &call, job_dyn, &self.rotation, &self.limits);
+        match result.map(|v| interpret(v, &call.state, &failed)) {
+            Ok(Ok(d)) => Ok((d.outcome, d.actions.len())),
+            Ok(Err(_)) => Err("PolicyReturnError"),
+            Err(err) => Err(classify(&err, &self.limits).0),
+        }
+    }
+}
+
 #[pymethods]
 impl CompiledPolicy {
     #[new]
@@ -387,30 +441,7 @@ impl CompiledPolicy {
         let job_dict =
             job.cast::<PyDict>().map_err(|_| PyTypeError::new_err("job must be a dict"))?;
         let job = job_map(job_dict).map_err(|e| conversion_error(py, &e))?;
-        let job_id = job_id_of(&job);
-        let failed: Vec<ImmutableString> = job
-            .get("failed_workers")
-            .and_then(|v| v.read_lock::<Array>().map(|a| a.iter().filter_map(text).collect()))
-            .unwrap_or_default();
-        let max_tokens = job.get("max_tokens").and_then(num).unwrap_or(256.0);
-        // The precomputed array serves unless this job has failed somewhere.
-        let workers_dyn = if failed.is_empty() {
-            state.eligible_dyn.clone()
-        } else {
-            let eligible = state.eligible_dyn.read_lock::<Array>();
-            freeze_array(
-                eligible
-                    .iter()
-                    .flat_map(|a| a.iter())
-                    .filter(|w| text(&field(w, "id")).is_none_or(|id| !failed.contains(&id)))
-                    .cloned()
-                    .collect(),
-            )
-        };
-        let now = now_ms.or(state.now).unwrap_or_else(now_ms_fn);
-        let job_dyn = Dynamic::from_map(job);
-
-        let call = Call { job_id, state, workers: workers_dyn, now, max_tokens, started };
+        let (call, job_dyn, failed) = prepare(job, state, now_ms, started);
         let run = || {
             let (result, ctx, peak) =
                 self.run(&self.engine, &call, job_dyn, &self.rotation, &self.limits);

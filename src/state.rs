@@ -513,7 +513,7 @@ impl State {
         self.data.lock().unwrap().clone()
     }
 
-    fn update<T>(&self, f: impl FnOnce(&mut StateData) -> T) -> T {
+    pub(crate) fn update<T>(&self, f: impl FnOnce(&mut StateData) -> T) -> T {
         let mut guard = self.data.lock().unwrap();
         f(Arc::make_mut(&mut guard))
     }

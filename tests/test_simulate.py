@@ -166,28 +166,24 @@ def test_policy_errors_fall_back_to_the_default_and_are_counted():
 
 
 def test_the_policy_sees_simulated_time_and_the_remaining_deadline():
+    # The first decision waits 250 ms; the second dispatches only if the
+    # clock, the remaining deadline, the wait and the arrival are what a job
+    # that arrived at 1000 with a 2000 ms deadline sees at 1250, and rejects
+    # with what it saw otherwise.
     policy = """fn schedule_job(job, pools, workers) {
-        log(`${now()} ${job.deadline} ${job.wait_ms}`);
-        if job.id == "first" && job.wait_ms == 0 { return wait("once", 250); }
+        let seen = `${now()} ${job.deadline} ${job.wait_ms} ${job.created_at}`;
+        if job.wait_ms == 0 {
+            if seen != "%d 2000 0 %d" { return reject(seen); }
+            return wait("once", 250);
+        }
+        if seen != "%d 1750 250 %d" { return reject(seen); }
         workers.first()
-    }"""
-    cluster = parse_cluster(ONE_WORKER % 10_000)
-    trace = parse_trace([json.dumps({"at_ms": 1000, "id": "first", "deadline_ms": 2000,
-                                     "output_tokens": 1})])
-    seen = []
-
-    class Spy(Policy):
-        __slots__ = ()
-
-        def decide(self, job, state, **options):
-            decision = super().decide(job, state, **options)
-            seen.append(decision.logs[0])
-            return decision
-
-    compiled = Policy.from_source(policy, name="spy.rhai")
-    spy = Spy(compiled._compiled, compiled.source, compiled.name)
-    Simulation(cluster, trace, spy).run()
-    assert seen == [f"{START_EPOCH_MS + 1000} 2000 0", f"{START_EPOCH_MS + 1250} 1750 250"]
+    }""" % (START_EPOCH_MS + 1000, START_EPOCH_MS + 1000, START_EPOCH_MS + 1250,
+            START_EPOCH_MS + 1000)
+    run, s = simulate(ONE_WORKER % 10_000, [
+        {"at_ms": 1000, "id": "first", "deadline_ms": 2000, "output_tokens": 1}], policy)
+    job = by_id(run)["first"]
+    assert (job.outcome, job.reason, job.decisions, job.start) == ("completed", None, 2, 1250)
 
 
 def test_a_dispatch_to_a_worker_not_serving_the_model_is_counted():

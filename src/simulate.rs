@@ -1,0 +1,707 @@
+//! The event loop of `rbee simulate`: a trace replayed through a policy on a
+//! simulated cluster, in simulated milliseconds.
+//!
+//! The model itself (what a job does on arrival, in the queue, on a worker) is
+//! described in `python/rbee/simulate/model.py`, which prepares the inputs and
+//! turns the answer into job records. The loop lives here because a simulated
+//! job is a decision, one or two worker updates and a few events: written in
+//! Python, with every decision and update crossing into the engine and back,
+//! the crossing and the interpreter took about two thirds of a job's time
+//! (docs/benchmarks.md, "Simulator"). Here a decision gets the job as a Rhai
+//! map and the state as the engine holds it, with nothing converted.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+use rhai::{Dynamic, ImmutableString, Map, INT};
+
+use crate::convert::dict_to_map;
+use crate::errors::conversion_error;
+use crate::policy::{CompiledPolicy, Outcome};
+use crate::state::State;
+
+const QUEUED: u8 = 0;
+const WAITING_LOCAL: u8 = 1;
+const RUNNING: u8 = 2;
+const DONE: u8 = 3;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Complete,
+    Wake,
+    Expire,
+}
+
+/// An event: at a time, in the order made among equal times.
+struct Event {
+    at: f64,
+    seq: u64,
+    kind: Kind,
+    job: usize,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Event {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.at.total_cmp(&other.at).then(self.seq.cmp(&other.seq))
+    }
+}
+
+struct Worker {
+    id: ImmutableString,
+    slots: i64,
+    ttft: f64,
+    tps: f64,
+    cost: f64,
+    /// Every name of the models it serves (aliases included); empty: any.
+    models: HashSet<String>,
+    /// `network_latency_ms`, which replaces the distance formula.
+    fixed_net: Option<f64>,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    running: i64,
+    active: i64,
+    waiting: VecDeque<usize>,
+    busy_ms: f64,
+    completed: i64,
+    last_used_at: Option<INT>,
+    dirty: bool,
+}
+
+struct Job {
+    seq: u64,
+    at: f64,
+    expires: f64,
+    deadline_at: Option<f64>,
+    cls: i64,
+    model: Option<String>,
+    prompt_tokens: f64,
+    output_tokens: f64,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    fields: Map,
+    outcome: Option<&'static str>,
+    reason: Option<ImmutableString>,
+    worker: Option<usize>,
+    dispatched: Option<f64>,
+    start: Option<f64>,
+    first_token: Option<f64>,
+    end: Option<f64>,
+    cost: f64,
+    decisions: i64,
+    state: u8,
+    wake_at: Option<f64>,
+    seen_version: i64,
+    net_ms: f64,
+}
+
+/// The jobs of one priority class in arrival order; finished ones are
+/// skipped and dropped lazily.
+#[derive(Default)]
+struct ClassQueue {
+    items: Vec<usize>,
+    head: usize,
+    gone: i64,
+}
+
+impl ClassQueue {
+    fn trim(&mut self, jobs: &[Job]) {
+        while self.head < self.items.len() && jobs[self.items[self.head]].state != QUEUED {
+            self.head += 1;
+            self.gone -= 1;
+        }
+        let live = (self.items.len() - self.head) as i64;
+        if self.gone > 64 && self.gone * 2 > live {
+            let head = self.head;
+            let mut kept: Vec<usize> = Vec::with_capacity(live as usize);
+            kept.extend(self.items[head..].iter().copied().filter(|&j| jobs[j].state == QUEUED));
+            self.items = kept;
+            self.head = 0;
+            self.gone = 0;
+        } else if self.head > 1024 && self.head * 2 > self.items.len() {
+            self.items.drain(..self.head);
+            self.head = 0;
+        }
+    }
+}
+
+struct Network {
+    base_ms: f64,
+    ms_per_100km: f64,
+    unknown_ms: f64,
+}
+
+struct Sim<'a, 'py> {
+    py: Python<'py>,
+    policies: &'a [PyRef<'py, CompiledPolicy>],
+    state: &'a State,
+    workers: Vec<Worker>,
+    by_id: HashMap<ImmutableString, usize>,
+    jobs: Vec<Job>,
+    network: Network,
+    capacity: Option<usize>,
+    aging_ms: i64,
+    lookahead: usize,
+    epoch: INT,
+    now: f64,
+    version: i64,
+    dirty: Vec<usize>,
+    events: BinaryHeap<Reverse<Event>>,
+    event_seq: u64,
+    classes: Vec<ClassQueue>,
+    queued: usize,
+    decisions: i64,
+    unknown_worker: i64,
+    model_mismatch: i64,
+    actions: i64,
+    fallbacks: HashMap<&'static str, i64>,
+    decide_time: Duration,
+    update_time: Duration,
+    updates: i64,
+}
+
+impl<'py> Sim<'_, 'py> {
+    fn push(&mut self, at: f64, kind: Kind, job: usize) {
+        self.event_seq += 1;
+        self.events.push(Reverse(Event { at, seq: self.event_seq, kind, job }));
+    }
+
+    fn arrive(&mut self, j: usize) {
+        if self.queued == 0 && self.try_job(j) {
+            return;
+        }
+        if self.capacity.is_some_and(|c| self.queued >= c) {
+            self.finish(j, "rejected", "queue_full".into());
+            return;
+        }
+        self.enqueue(j);
+        if self.queued > 1 {
+            self.pump();
+        }
+    }
+
+    /// One decision. True when the job left the queue's hands (dispatched,
+    /// or ended), false when it waits.
+    fn try_job(&mut self, j: usize) -> bool {
+        if !self.dirty.is_empty() {
+            self.flush();
+        }
+        let now = self.now;
+        let job = &mut self.jobs[j];
+        let deadline = job.deadline_at.map_or(Dynamic::UNIT, |d| Dynamic::from_int((d - now) as INT));
+        job.fields.insert("created_at".into(), Dynamic::from_int(self.epoch + job.at as INT));
+        job.fields.insert("wait_ms".into(), Dynamic::from_int((now - job.at) as INT));
+        job.fields.insert("deadline".into(), deadline);
+        job.decisions += 1;
+        self.decisions += 1;
+        let now_ms = self.epoch + now as INT;
+
+        let started = Instant::now();
+        let mut decided = None;
+        let policies = self.policies;
+        for policy in policies {
+            // A fresh snapshot per call, dropped with it, so that the next
+            // update edits the state in place instead of copying it.
+            let snapshot = self.state.snapshot();
+            match policy.decide_native(self.jobs[j].fields.clone(), snapshot, now_ms) {
+                Ok(d) => {
+                    decided = Some(d);
+                    break;
+                }
+                Err(class) => *self.fallbacks.entry(class).or_default() += 1,
+            }
+        }
+        self.decide_time += started.elapsed();
+        let Some((outcome, actions)) = decided else {
+            // Even the built-in default failed: the queen answers 503.
+            self.finish(j, "rejected", "scheduler_error".into());
+            return true;
+        };
+        if actions > 0 {
+            self.actions += 1;
+        }
+        match outcome {
+            Outcome::Dispatch(id) => match self.by_id.get(&id) {
+                Some(&w) => {
+                    self.dispatch(j, w);
+                    return true;
+                }
+                None => {
+                    // The queen keeps a job whose worker it does not know queued.
+                    self.unknown_worker += 1;
+                    self.jobs[j].wake_at = None;
+                }
+            },
+            Outcome::Reject(r) => {
+                let reason = if r.code.is_empty() { "rejected".into() } else { r.code };
+                self.finish(j, "rejected", reason);
+                return true;
+            }
+            Outcome::Wait(_, ms) => {
+                let wake_at = ms.filter(|ms| *ms != 0).map(|ms| now + ms as f64);
+                self.jobs[j].wake_at = wake_at;
+                if let Some(at) = wake_at {
+                    self.push(at, Kind::Wake, j);
+                }
+            }
+        }
+        self.jobs[j].seen_version = self.version;
+        false
+    }
+
+    /// Publishes the workers that changed since the last decision, once
+    /// each: the fields a slot taken or freed changes (the engine works out
+    /// `load` from them).
+    fn flush(&mut self) {
+        let started = Instant::now();
+        let dirty = std::mem::take(&mut self.dirty);
+        for &w in &dirty {
+            let worker = &mut self.workers[w];
+            worker.dirty = false;
+            let status = if worker.active >= worker.slots { "busy" } else { "ready" };
+            let mut fields = Map::new();
+            fields.insert("active".into(), Dynamic::from_int(worker.active));
+            fields.insert("status".into(), Dynamic::from(ImmutableString::from(status)));
+            if let Some(at) = worker.last_used_at {
+                fields.insert("last_used_at".into(), Dynamic::from_int(at));
+            }
+            let id = worker.id.clone();
+            self.state.update(|s| s.update_worker(&id, fields));
+        }
+        self.updates += dirty.len() as i64;
+        self.dirty = dirty;
+        self.dirty.clear();
+        self.update_time += started.elapsed();
+    }
+
+    fn mark(&mut self, w: usize) {
+        if !self.workers[w].dirty {
+            self.workers[w].dirty = true;
+            self.dirty.push(w);
+        }
+        self.version += 1;
+    }
+
+    fn enqueue(&mut self, j: usize) {
+        let cls = self.jobs[j].cls as usize;
+        self.classes[cls].items.push(j);
+        self.queued += 1;
+        let expires = self.jobs[j].expires;
+        self.push(expires, Kind::Expire, j);
+    }
+
+    fn leave_queue(&mut self, j: usize) {
+        let cls = self.jobs[j].cls as usize;
+        self.classes[cls].gone += 1;
+        self.queued -= 1;
+    }
+
+    /// Looks at the queue in order, deciding each job that may have a new
+    /// answer: its timer fired, or a worker changed since it last waited.
+    fn pump(&mut self) {
+        if self.queued == 0 {
+            return;
+        }
+        let now = self.now;
+        let mut heads: Vec<(usize, usize)> = Vec::with_capacity(self.classes.len());
+        for (c, queue) in self.classes.iter_mut().enumerate() {
+            queue.trim(&self.jobs);
+            if queue.head < queue.items.len() {
+                heads.push((c, queue.head));
+            }
+        }
+        let mut in_a_row = 0;
+        while !heads.is_empty() {
+            // The next job is the head with the smallest (class after aging,
+            // arrival); within one class that order is the list's order.
+            let mut best = 0;
+            let mut best_key = (i64::MAX, u64::MAX);
+            for (e, &(c, index)) in heads.iter().enumerate() {
+                let job = &self.jobs[self.classes[c].items[index]];
+                let aged = (now - job.at) as i64 / self.aging_ms;
+                let key = ((job.cls - aged).max(0), job.seq);
+                if key < best_key {
+                    best = e;
+                    best_key = key;
+                }
+            }
+            let (c, mut index) = heads[best];
+            let items = &self.classes[c].items;
+            let j = items[index];
+            index += 1;
+            while index < items.len() && self.jobs[items[index]].state != QUEUED {
+                index += 1;
+            }
+            if index < items.len() {
+                heads[best].1 = index;
+            } else {
+                heads.remove(best);
+            }
+            let job = &self.jobs[j];
+            if now >= job.expires {
+                self.expire(j);
+                continue;
+            }
+            match job.wake_at {
+                Some(at) if now < at => continue,
+                None if job.seen_version == self.version => continue,
+                _ => {}
+            }
+            if self.try_job(j) {
+                self.leave_queue(j);
+                in_a_row = 0;
+            } else {
+                in_a_row += 1;
+                if self.lookahead > 0 && in_a_row >= self.lookahead {
+                    break;
+                }
+            }
+        }
+        for queue in &mut self.classes {
+            queue.trim(&self.jobs);
+        }
+    }
+
+    fn network_ms(&self, w: usize, j: usize) -> f64 {
+        let worker = &self.workers[w];
+        if let Some(ms) = worker.fixed_net {
+            return ms;
+        }
+        let job = &self.jobs[j];
+        match (job.lat, job.lon, worker.lat, worker.lon) {
+            (Some(lat1), Some(lon1), Some(lat2), Some(lon2)) => {
+                let km = great_circle_km(lat1, lon1, lat2, lon2);
+                self.network.base_ms + self.network.ms_per_100km * km / 100.0
+            }
+            _ => self.network.unknown_ms,
+        }
+    }
+
+    fn dispatch(&mut self, j: usize, w: usize) {
+        if let Some(model) = &self.jobs[j].model {
+            let served = &self.workers[w].models;
+            if !served.is_empty() && !served.contains(model) {
+                self.model_mismatch += 1;
+            }
+        }
+        let net = self.network_ms(w, j);
+        let now = self.now;
+        let job = &mut self.jobs[j];
+        job.worker = Some(w);
+        job.dispatched = Some(now);
+        job.net_ms = net;
+        let worker = &mut self.workers[w];
+        worker.active += 1;
+        worker.last_used_at = Some(self.epoch + now as INT);
+        let free = worker.running < worker.slots;
+        self.mark(w);
+        if free {
+            self.start(j, w);
+        } else {
+            self.jobs[j].state = WAITING_LOCAL;
+            self.workers[w].waiting.push_back(j);
+        }
+    }
+
+    fn start(&mut self, j: usize, w: usize) {
+        let worker = &mut self.workers[w];
+        worker.running += 1;
+        let now = self.now;
+        let job = &mut self.jobs[j];
+        job.state = RUNNING;
+        job.start = Some(now);
+        let first = now + job.net_ms + worker.ttft;
+        let end = first + job.output_tokens * 1000.0 / worker.tps;
+        job.first_token = Some(first);
+        job.end = Some(end);
+        self.push(end, Kind::Complete, j);
+    }
+
+    fn complete(&mut self, j: usize) {
+        let w = self.jobs[j].worker.expect("a completing job has a worker");
+        let job = &mut self.jobs[j];
+        let worker = &mut self.workers[w];
+        worker.running -= 1;
+        worker.active -= 1;
+        worker.busy_ms += job.end.unwrap_or(0.0) - job.start.unwrap_or(0.0);
+        worker.completed += 1;
+        job.cost = (job.prompt_tokens + job.output_tokens) * worker.cost;
+        job.outcome = Some("completed");
+        job.state = DONE;
+        if let Some(next) = worker.waiting.pop_front() {
+            self.start(next, w);
+        }
+        self.mark(w);
+        self.pump();
+    }
+
+    fn expire(&mut self, j: usize) {
+        let job = &self.jobs[j];
+        let late = job.deadline_at.is_some_and(|d| job.expires >= d);
+        let expires = job.expires;
+        self.leave_queue(j);
+        self.finish(j, "expired", if late { "deadline_exceeded" } else { "timeout" }.into());
+        self.jobs[j].end = Some(expires);
+    }
+
+    fn finish(&mut self, j: usize, outcome: &'static str, reason: ImmutableString) {
+        let now = self.now;
+        let job = &mut self.jobs[j];
+        job.outcome = Some(outcome);
+        job.reason = Some(reason);
+        job.state = DONE;
+        job.end = Some(now);
+    }
+
+    fn run(&mut self, progress: Option<&Bound<'py, PyAny>>, tick: usize) -> PyResult<()> {
+        let count = self.jobs.len();
+        let tick = tick.max(1);
+        let mut i = 0;
+        loop {
+            let arrival = (i < count).then(|| self.jobs[i].at);
+            if let Some(Reverse(next)) = self.events.peek() {
+                if arrival.is_none_or(|a| next.at <= a) {
+                    let Reverse(event) = self.events.pop().expect("peeked");
+                    self.now = event.at;
+                    let j = event.job;
+                    if event.kind == Kind::Complete {
+                        self.complete(j);
+                    } else if self.jobs[j].state == QUEUED {
+                        if event.kind == Kind::Expire {
+                            self.expire(j);
+                        } else if self.jobs[j].wake_at.is_some_and(|w| w <= event.at) {
+                            self.pump();
+                        }
+                    }
+                    continue;
+                }
+            }
+            let Some(arrival) = arrival else { break };
+            self.now = arrival;
+            i += 1;
+            self.arrive(i - 1);
+            if i % tick == 0 {
+                self.py.check_signals()?;
+                if let Some(p) = progress {
+                    p.call1((tick,))?;
+                }
+            }
+        }
+        if let Some(p) = progress {
+            if count % tick != 0 {
+                p.call1((count % tick,))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The distance of `rbee.simulate.cluster.great_circle_km`, step by step as
+/// it computes it, so a run gives the same network times as that function.
+fn great_circle_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let (dp, dl) = (p2 - p1, (lon2 - lon1).to_radians());
+    let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
+    2.0 * 6371.0 * a.sqrt().min(1.0).asin()
+}
+
+fn opt<'py>(py: Python<'py>, v: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+    Ok(v.into_pyobject(py)?.into_any())
+}
+
+type WorkerSpec = (String, i64, f64, f64, f64, Vec<String>, Option<f64>, Option<f64>, Option<f64>);
+type JobSpec<'py> = (
+    f64,
+    f64,
+    Option<f64>,
+    i64,
+    Option<String>,
+    i64,
+    i64,
+    Option<f64>,
+    Option<f64>,
+    Bound<'py, PyDict>,
+);
+
+/// Runs a simulation; `rbee.simulate.model.Simulation.run` is its Python face.
+///
+/// `policies` is the fallback chain (the active policy, then the built-in
+/// default); `state` holds the cluster and is updated as the run goes.
+/// Workers are `(id, slots, ttft_ms, tokens_per_sec, cost_per_token,
+/// model names, network_latency_ms, latitude, longitude)`; jobs, in arrival
+/// order, `(at_ms, expires_ms, deadline_at_ms, priority class, model,
+/// prompt_tokens, output_tokens, latitude, longitude, fields)`, where
+/// `fields` is the job as policies see it. `progress(n)` is called after
+/// every `tick` arrivals. The answer holds a tuple per job and per worker and
+/// the run's counters (see `model.py`).
+#[pyfunction]
+#[pyo3(signature = (
+    policies, state, workers, jobs, network, aging_ms, capacity, lookahead, epoch,
+    progress = None, tick = 1
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn simulate<'py>(
+    py: Python<'py>,
+    policies: Vec<PyRef<'py, CompiledPolicy>>,
+    state: PyRef<'py, State>,
+    workers: Vec<WorkerSpec>,
+    jobs: Vec<JobSpec<'py>>,
+    network: (f64, f64, f64),
+    aging_ms: i64,
+    capacity: Option<usize>,
+    lookahead: usize,
+    epoch: INT,
+    progress: Option<Bound<'py, PyAny>>,
+    tick: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    if aging_ms < 1 {
+        return Err(pyo3::exceptions::PyValueError::new_err("aging_ms must be 1 or more"));
+    }
+    let started = Instant::now();
+    let workers: Vec<Worker> = workers
+        .into_iter()
+        .map(|(id, slots, ttft, tps, cost, models, fixed_net, lat, lon)| Worker {
+            id: id.into(),
+            slots,
+            ttft,
+            tps,
+            cost,
+            models: models.into_iter().collect(),
+            fixed_net,
+            lat,
+            lon,
+            running: 0,
+            active: 0,
+            waiting: VecDeque::new(),
+            busy_ms: 0.0,
+            completed: 0,
+            last_used_at: None,
+            dirty: false,
+        })
+        .collect();
+    let by_id = workers.iter().enumerate().map(|(i, w)| (w.id.clone(), i)).collect();
+    let mut converted = Vec::with_capacity(jobs.len());
+    for (i, (at, expires, deadline_at, cls, model, prompt, output, lat, lon, fields)) in
+        jobs.into_iter().enumerate()
+    {
+        let mut path = String::from("job");
+        let fields = dict_to_map(&fields, &mut path, 0).map_err(|e| conversion_error(py, &e))?;
+        converted.push(Job {
+            seq: i as u64 + 1,
+            at,
+            expires,
+            deadline_at,
+            cls: cls.clamp(0, 4),
+            model,
+            prompt_tokens: prompt as f64,
+            output_tokens: output as f64,
+            lat,
+            lon,
+            fields,
+            outcome: None,
+            reason: None,
+            worker: None,
+            dispatched: None,
+            start: None,
+            first_token: None,
+            end: None,
+            cost: 0.0,
+            decisions: 0,
+            state: QUEUED,
+            wake_at: None,
+            seen_version: -1,
+            net_ms: 0.0,
+        });
+    }
+    let mut sim = Sim {
+        py,
+        policies: &policies,
+        state: &state,
+        workers,
+        by_id,
+        jobs: converted,
+        network: Network { base_ms: network.0, ms_per_100km: network.1, unknown_ms: network.2 },
+        capacity,
+        aging_ms,
+        lookahead,
+        epoch,
+        now: 0.0,
+        version: 0,
+        dirty: Vec::new(),
+        events: BinaryHeap::new(),
+        event_seq: 0,
+        classes: (0..5).map(|_| ClassQueue::default()).collect(),
+        queued: 0,
+        decisions: 0,
+        unknown_worker: 0,
+        model_mismatch: 0,
+        actions: 0,
+        fallbacks: HashMap::new(),
+        decide_time: Duration::ZERO,
+        update_time: Duration::ZERO,
+        updates: 0,
+    };
+    sim.run(progress.as_ref(), tick)?;
+    // What is left to publish (the last completions) is published, so the
+    // state ends as the cluster does.
+    if !sim.dirty.is_empty() {
+        sim.flush();
+    }
+
+    let job_rows = PyList::empty(py);
+    for job in &sim.jobs {
+        let row = PyTuple::new(
+            py,
+            [
+                job.outcome.into_pyobject(py)?.into_any(),
+                job.reason.as_deref().into_pyobject(py)?.into_any(),
+                job.worker.into_pyobject(py)?.into_any(),
+                opt(py, job.dispatched)?,
+                opt(py, job.start)?,
+                opt(py, job.first_token)?,
+                opt(py, job.end)?,
+                job.cost.into_pyobject(py)?.into_any(),
+                job.decisions.into_pyobject(py)?.into_any(),
+                job.state.into_pyobject(py)?.into_any(),
+                opt(py, job.wake_at)?,
+                job.seen_version.into_pyobject(py)?.into_any(),
+                job.net_ms.into_pyobject(py)?.into_any(),
+            ],
+        )?;
+        job_rows.append(row)?;
+    }
+    let worker_rows = PyList::empty(py);
+    for w in &sim.workers {
+        worker_rows.append((w.busy_ms, w.completed, w.running, w.active, w.last_used_at))?;
+    }
+    let fallbacks = PyDict::new(py);
+    for (class, n) in &sim.fallbacks {
+        fallbacks.set_item(*class, *n)?;
+    }
+    let out = PyDict::new(py);
+    out.set_item("jobs", job_rows)?;
+    out.set_item("workers", worker_rows)?;
+    out.set_item("decisions", sim.decisions)?;
+    out.set_item("unknown_worker", sim.unknown_worker)?;
+    out.set_item("model_mismatch", sim.model_mismatch)?;
+    out.set_item("actions", sim.actions)?;
+    out.set_item("fallbacks", fallbacks)?;
+    out.set_item("decide_s", sim.decide_time.as_secs_f64())?;
+    out.set_item("update_s", sim.update_time.as_secs_f64())?;
+    out.set_item("updates", sim.updates)?;
+    out.set_item("loop_s", started.elapsed().as_secs_f64())?;
+    Ok(out)
+}
