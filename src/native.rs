@@ -11,7 +11,8 @@
 
 use std::collections::HashMap;
 
-use crate::record::{hot_slot, Rec};
+use crate::context;
+use crate::record::{hot_slot, Rec, ESTIMATE};
 use rhai::{Dynamic, Expr, ImmutableString, Map, Stmt, AST, FLOAT, INT};
 
 #[derive(Debug, Clone)]
@@ -28,6 +29,9 @@ pub enum Node {
     And(Vec<Node>),
     Or(Vec<Node>),
     Distance(Box<[Node; 4]>),
+    /// `w.estimated_time` with the job's `max_tokens` read once per pass
+    /// (`bind`), instead of from the decision's context for every worker.
+    Estimate(FLOAT),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -311,7 +315,13 @@ fn bind(node: &Node, curry: &[Dynamic]) -> Node {
             Some(v) => Node::Const(v),
             None => node.clone(),
         },
-        Node::Const(_) | Node::Item(_) => node.clone(),
+        Node::Item(path) if path.props.len() == 1 && path.props[0] == ESTIMATE => {
+            match context::with(|c| c.max_tokens).flatten() {
+                Some(max_tokens) => Node::Estimate(max_tokens),
+                None => node.clone(),
+            }
+        }
+        Node::Const(_) | Node::Item(_) | Node::Estimate(_) => node.clone(),
         Node::Cmp(op, a, b) => Node::Cmp(*op, one(a), one(b)),
         Node::Arith(op, a, b) => Node::Arith(*op, one(a), one(b)),
         Node::Neg(a) => Node::Neg(one(a)),
@@ -334,6 +344,14 @@ fn eval(node: &Node, item: &Dynamic, curry: &[Dynamic]) -> Eval {
     match node {
         Node::Const(v) => Some(v.clone()),
         Node::Item(props) => lookup(item, props),
+        Node::Estimate(max_tokens) => match item.read_lock::<Rec>() {
+            Some(r) => match r.estimate_for(*max_tokens) {
+                Some(ms) => Some(Val::Float(ms)),
+                // No estimate (no tokens_per_sec): a stored field, as `Rec::get_cold`.
+                None => found(r.map().get(ESTIMATE), &[]),
+            },
+            None => descend(item, &[ESTIMATE.into()]),
+        },
         Node::Captured(i, props) => lookup(curry.get(*i)?, props),
         Node::Cmp(op, a, b) => {
             let (a, b) = (eval(a, item, curry)?, eval(b, item, curry)?);

@@ -109,12 +109,18 @@ impl Rec {
     /// is busy, each job beyond the slots costs one service time per slot.
     pub fn estimate(&self) -> Option<Dynamic> {
         let max_tokens = context::with(|c| c.max_tokens).flatten()?;
+        self.estimate_for(max_tokens).map(Dynamic::from_float)
+    }
+
+    /// `estimate` for a job of `max_tokens`, for a caller that has read it
+    /// once for many workers (`native::bind`).
+    pub fn estimate_for(&self, max_tokens: f64) -> Option<f64> {
         let get = |slot: usize| self.slot(slot).and_then(num);
         let tps = get(TOKENS_PER_SEC).filter(|t| *t > 0.0)?;
         let service = get(LATENCY_MS).unwrap_or(0.0) + max_tokens / tps * 1000.0;
         let slots = get(SLOTS).unwrap_or(1.0).max(1.0);
         let ahead = (get(ACTIVE).unwrap_or(0.0) - slots + 1.0).max(0.0);
-        Some(Dynamic::from_float(ahead * service / slots + service))
+        Some(ahead * service / slots + service)
     }
 
     /// A plain map with the same entries, `estimated_time` included.

@@ -8,7 +8,7 @@ use rhai::{Array, Dynamic, Engine, FnPtr, ImmutableString, Map, NativeCallContex
 
 use super::{runtime, terminated, HelperResult};
 use crate::context::{self, stable_hash};
-use crate::native::NativeFn;
+use crate::native::{NativeFn, Val};
 use crate::record::{self, with_map, Rec};
 use crate::state::{field, num, text};
 
@@ -181,20 +181,40 @@ impl<'a> Caller<'a> {
         Caller { ctx, f, native, with_index, native_calls: 0 }
     }
 
-    fn call(&mut self, item: &Dynamic, index: usize) -> HelperResult<Dynamic> {
-        if let Some(n) = &self.native {
-            if let Some(v) = n.eval(item, self.f.curry()) {
-                self.native_calls += 1;
-                if self.native_calls.is_multiple_of(4096) {
-                    context::charge(4096).map_err(terminated)?;
-                }
-                return Ok(v.into_dynamic());
-            }
+    /// The compiled closure's answer, when it has one (`native.rs`).
+    fn native(&mut self, item: &Dynamic) -> HelperResult<Option<Val>> {
+        let Some(v) = self.native.as_ref().and_then(|n| n.eval(item, self.f.curry())) else {
+            return Ok(None);
+        };
+        self.native_calls += 1;
+        if self.native_calls.is_multiple_of(4096) {
+            context::charge(4096).map_err(terminated)?;
         }
+        Ok(Some(v))
+    }
+
+    /// The closure, run by Rhai.
+    fn script(&self, item: &Dynamic, index: usize) -> HelperResult<Dynamic> {
         if self.with_index {
             self.f.call_raw(self.ctx, None, [item.clone(), Dynamic::from_int(index as INT)])
         } else {
             self.f.call_raw(self.ctx, None, [item.clone()])
+        }
+    }
+
+    fn call(&mut self, item: &Dynamic, index: usize) -> HelperResult<Dynamic> {
+        match self.native(item)? {
+            Some(v) => Ok(v.into_dynamic()),
+            None => self.script(item, index),
+        }
+    }
+
+    /// `call` for a predicate, without making a `Dynamic` of a native answer:
+    /// true only for `true`.
+    fn test(&mut self, item: &Dynamic, index: usize) -> HelperResult<bool> {
+        match self.native(item)? {
+            Some(v) => Ok(matches!(v, Val::Bool(true))),
+            None => Ok(self.script(item, index)?.as_bool().unwrap_or(false)),
         }
     }
 
@@ -207,7 +227,7 @@ fn filter(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<Arr
     let mut caller = Caller::new(&ctx, &f);
     let mut out = Array::new();
     for (i, w) in arr.iter().enumerate() {
-        if caller.call(w, i)?.as_bool().unwrap_or(false) {
+        if caller.test(w, i)? {
             out.push(w.clone());
         }
     }
@@ -322,7 +342,7 @@ fn count(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<INT>
     let mut caller = Caller::new(&ctx, &f);
     let mut n = 0;
     for (i, w) in arr.iter().enumerate() {
-        if caller.call(w, i)?.as_bool().unwrap_or(false) {
+        if caller.test(w, i)? {
             n += 1;
         }
     }
