@@ -25,6 +25,11 @@ static ALLOCATOR: alloc::Counting = alloc::Counting;
 
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    if !record::hot_slots_agree() {
+        return Err(pyo3::exceptions::PyImportError::new_err(
+            "rbee._engine: record::hot_slot and record::HOT disagree (a build error)",
+        ));
+    }
     m.add_class::<state::State>()?;
     m.add_class::<policy::CompiledPolicy>()?;
     m.add_function(wrap_pyfunction!(policy::evaluate, m)?)?;

@@ -26,9 +26,11 @@ starts. Its cost is ``(prompt_tokens + output_tokens) * cost_per_token``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rbee import _engine, errors
 from rbee.queen.jobs import priority_class
@@ -177,38 +179,41 @@ class Simulation:
                  item.output_tokens, item.latitude, item.longitude, item.fields)
                 for item in self.trace]
 
+    def _worker_rows(self) -> list[tuple[Any, ...]]:
+        rows = []
+        for w in self.workers:
+            geo = w.spec.geo
+            rows.append((w.id, w.slots, w.ttft, w.tps, w.cost, sorted(w.models),
+                         w.spec.network_latency_ms, geo.latitude if geo else None,
+                         geo.longitude if geo else None))
+        return rows
+
     def run(self) -> RunResult:
         started = time.perf_counter()
         cluster = self.cluster
-        workers = []
-        for w in self.workers:
-            geo = w.spec.geo
-            workers.append((w.id, w.slots, w.ttft, w.tps, w.cost, sorted(w.models),
-                            w.spec.network_latency_ms, geo.latitude if geo else None,
-                            geo.longitude if geo else None))
         net = cluster.network
-        count = len(self.trace)
-        out = _engine.simulate(
-            self._chain(), self.state, workers, self._job_rows(),
-            (net.base_ms, net.ms_per_100km, net.unknown_ms), cluster.queue.aging_ms,
-            cluster.queue.capacity, self.lookahead, self.epoch, self.progress,
-            max(1, count // 200),
-        )
-        for worker, (busy_ms, completed, running, active, last_used_at) in zip(
-                self.workers, out["workers"]):
-            worker.busy_ms, worker.completed = busy_ms, completed
-            worker.running, worker.active = running, active
-            snap = worker.snap
-            snap["active"], snap["load"] = active, active / worker.slots
-            snap["status"] = "busy" if active >= worker.slots else "ready"
-            if last_used_at is not None:
-                snap["last_used_at"] = last_used_at
-        timeout = cluster.queue.default_timeout_ms
-        records = [
-            JobRecord(item, seq, _expiry(item, timeout), row,
-                      None if row[2] is None else self.workers[row[2]])
-            for seq, (item, row) in enumerate(zip(self.trace, out["jobs"]), start=1)
-        ]
+        with _collector_paused():
+            out = _engine.simulate(
+                self._chain(), self.state, self._worker_rows(), self._job_rows(),
+                (net.base_ms, net.ms_per_100km, net.unknown_ms), cluster.queue.aging_ms,
+                cluster.queue.capacity, self.lookahead, self.epoch, self.progress,
+                max(1, len(self.trace) // 200),
+            )
+            for worker, (busy_ms, completed, running, active, last_used_at) in zip(
+                    self.workers, out["workers"]):
+                worker.busy_ms, worker.completed = busy_ms, completed
+                worker.running, worker.active = running, active
+                snap = worker.snap
+                snap["active"], snap["load"] = active, active / worker.slots
+                snap["status"] = "busy" if active >= worker.slots else "ready"
+                if last_used_at is not None:
+                    snap["last_used_at"] = last_used_at
+            timeout = cluster.queue.default_timeout_ms
+            records = [
+                JobRecord(item, seq, _expiry(item, timeout), row,
+                          None if row[2] is None else self.workers[row[2]])
+                for seq, (item, row) in enumerate(zip(self.trace, out["jobs"]), start=1)
+            ]
         end = max((j.end for j in records if j.end is not None), default=0.0)
         fallbacks = {getattr(errors, name).code: n for name, n in out["fallbacks"].items()}
         return RunResult(
@@ -219,6 +224,20 @@ class Simulation:
             model_mismatch=out["model_mismatch"], actions=out["actions"],
             decide_s=out["decide_s"], update_s=out["update_s"], updates=out["updates"],
         )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """A run makes a tuple and a record per job and nothing that refers back
+    to itself; the cyclic collector, which would walk the whole trace again
+    and again as they pile up, has nothing to find meanwhile."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _deadline_at(item: TraceJob) -> float | None:
