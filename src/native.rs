@@ -348,7 +348,7 @@ fn eval(node: &Node, item: &Dynamic, curry: &[Dynamic]) -> Eval {
             Some(r) => match r.estimate_for(*max_tokens) {
                 Some(ms) => Some(Val::Float(ms)),
                 // No estimate (no tokens_per_sec): a stored field, as `Rec::get_cold`.
-                None => found(r.map().get(ESTIMATE), &[]),
+                None => found(r.field(ESTIMATE), &[]),
             },
             None => descend(item, &[ESTIMATE.into()]),
         },

@@ -44,12 +44,14 @@ pub const HOT: &[&str] = &[
 /// Slots the Rust helpers read directly: each is the position of its name in
 /// `HOT` (the helpers' tests fail if they drift apart).
 pub const ID: usize = 0;
+pub const STATUS: usize = 1;
 pub const LOAD: usize = 2;
 pub const ACTIVE: usize = 3;
 pub const SLOTS: usize = 4;
 pub const VRAM_FREE: usize = 6;
 pub const LATENCY_MS: usize = 9;
 pub const TOKENS_PER_SEC: usize = 10;
+pub const LAST_USED_AT: usize = 17;
 
 pub const ESTIMATE: &str = "estimated_time";
 
@@ -82,10 +84,42 @@ pub fn hot_slot(key: &str) -> Option<usize> {
     })
 }
 
+/// The hot fields a worker's slot changes touch: `State.update_worker` sends
+/// them for every job the queen starts or ends and every one the simulator
+/// dispatches or completes. A record keeps them apart from the rest, so that
+/// such an update makes a record that shares everything else with the one it
+/// replaces instead of copying all of the worker's fields (with its `geo`
+/// map and its `models` array) into a new one.
+pub const VOLATILE: [usize; 4] = [STATUS, LOAD, ACTIVE, LAST_USED_AT];
+
+/// Whether `key` names a volatile field.
+pub fn is_volatile(key: &str) -> bool {
+    hot_slot(key).and_then(volatile_index).is_some()
+}
+
+#[inline]
+fn volatile_index(slot: usize) -> Option<usize> {
+    match slot {
+        STATUS => Some(0),
+        LOAD => Some(1),
+        ACTIVE => Some(2),
+        LAST_USED_AT => Some(3),
+        _ => None,
+    }
+}
+
+/// The fields of a record as built. For the volatile fields, `vol` of the
+/// record holding it has the current values, not this.
+#[derive(Debug)]
+struct Base {
+    map: Map,
+    hot: Box<[Option<Dynamic>]>,
+}
+
 #[derive(Debug)]
 pub struct RecData {
-    pub map: Map,
-    hot: Box<[Option<Dynamic>]>,
+    base: Arc<Base>,
+    vol: [Option<Dynamic>; VOLATILE.len()],
 }
 
 #[derive(Clone, Debug)]
@@ -99,17 +133,37 @@ impl Rec {
                 hot[slot] = Some(value.clone());
             }
         }
-        Rec(Arc::new(RecData { map, hot }))
+        let vol = VOLATILE.map(|slot| hot[slot].clone());
+        Rec(Arc::new(RecData { base: Arc::new(Base { map, hot }), vol }))
     }
 
-    pub fn map(&self) -> &Map {
-        &self.0.map
+    /// The record with some volatile fields changed, sharing the rest with
+    /// this one; `None` when `fields` names anything else. `fields` must be
+    /// final (normalised): they are stored as given.
+    pub fn with_volatile(&self, fields: &Map) -> Option<Rec> {
+        let mut vol = self.0.vol.clone();
+        for (key, value) in fields {
+            vol[hot_slot(key).and_then(volatile_index)?] = Some(value.clone());
+        }
+        Some(Rec(Arc::new(RecData { base: self.0.base.clone(), vol })))
     }
 
     /// A hot field by slot; `None` when the record does not have it.
     #[inline]
     pub fn slot(&self, slot: usize) -> Option<&Dynamic> {
-        self.0.hot.get(slot).and_then(|v| v.as_ref())
+        match volatile_index(slot) {
+            Some(v) => self.0.vol[v].as_ref(),
+            None => self.0.base.hot.get(slot).and_then(|v| v.as_ref()),
+        }
+    }
+
+    /// A field as stored (`estimated_time` only if it is a stored field).
+    #[inline]
+    pub fn field(&self, key: &str) -> Option<&Dynamic> {
+        match hot_slot(key) {
+            Some(slot) => self.slot(slot),
+            None => self.0.base.map.get(key),
+        }
     }
 
     /// A field by name. `estimated_time` is worked out for the job being
@@ -129,7 +183,7 @@ impl Rec {
                 return Some(e);
             }
         }
-        self.0.map.get(key).cloned()
+        self.0.base.map.get(key).cloned()
     }
 
     /// Milliseconds to finish the current job here: queue wait, time to first
@@ -151,9 +205,21 @@ impl Rec {
         Some(ahead * service / slots + service)
     }
 
+    /// The stored fields as one plain map (no `estimated_time` unless stored).
+    pub fn fields_map(&self) -> Map {
+        let mut m = self.0.base.map.clone();
+        for (slot, value) in VOLATILE.iter().zip(&self.0.vol) {
+            match value {
+                Some(v) => m.insert(HOT[*slot].into(), v.clone()),
+                None => m.remove(HOT[*slot]),
+            };
+        }
+        m
+    }
+
     /// A plain map with the same entries, `estimated_time` included.
     pub fn to_map(&self) -> Map {
-        let mut m = self.0.map.clone();
+        let mut m = self.fields_map();
         if let Some(e) = self.estimate() {
             m.insert(ESTIMATE.into(), e);
         }
@@ -161,22 +227,40 @@ impl Rec {
     }
 
     fn keys(&self) -> Array {
+        let map = self.fields_map();
         // Rhai strings, as a map's keys() gives (not the map's own key type).
         let mut keys: Array =
-            self.0.map.keys().map(|k| Dynamic::from(ImmutableString::from(k.as_str()))).collect();
-        if !self.0.map.contains_key(ESTIMATE) && self.estimate().is_some() {
+            map.keys().map(|k| Dynamic::from(ImmutableString::from(k.as_str()))).collect();
+        if !map.contains_key(ESTIMATE) && self.estimate().is_some() {
             keys.push(ESTIMATE.into());
         }
         keys
     }
 }
 
-/// Calls `f` with the entries of a record or a map; `None` for other values.
-pub fn with_map<T>(value: &Dynamic, f: impl FnOnce(&Map) -> T) -> Option<T> {
-    if let Some(r) = value.read_lock::<Rec>() {
-        return Some(f(r.map()));
+/// The stored fields of a record or of a plain map, read alike.
+#[derive(Clone, Copy)]
+pub enum Fields<'a> {
+    Rec(&'a Rec),
+    Map(&'a Map),
+}
+
+impl<'a> Fields<'a> {
+    #[inline]
+    pub fn get(&self, key: &str) -> Option<&'a Dynamic> {
+        match self {
+            Fields::Rec(r) => r.field(key),
+            Fields::Map(m) => m.get(key),
+        }
     }
-    value.read_lock::<Map>().map(|m| f(&m))
+}
+
+/// Calls `f` with the fields of a record or a map; `None` for other values.
+pub fn with_fields<T>(value: &Dynamic, f: impl FnOnce(Fields<'_>) -> T) -> Option<T> {
+    if let Some(r) = value.read_lock::<Rec>() {
+        return Some(f(Fields::Rec(&r)));
+    }
+    value.read_lock::<Map>().map(|m| f(Fields::Map(&m)))
 }
 
 pub fn is_record_or_map(value: &Dynamic) -> bool {

@@ -17,7 +17,7 @@ use rhai::{Array, Dynamic, ImmutableString, Map, FLOAT, INT};
 
 use crate::convert::{dict_to_map, map_to_py, ConvertError};
 use crate::errors::conversion_error;
-use crate::record::Rec;
+use crate::record::{is_volatile, Rec, HOT, SLOTS, VOLATILE};
 
 pub const STATE_KEYS: &[&str] = &["workers", "pools", "gpus", "models", "tenants", "queue", "now"];
 
@@ -337,9 +337,30 @@ impl StateData {
     pub fn update_worker(&mut self, id: &str, fields: Map) -> Option<()> {
         let i = self.workers.binary_search_by(|(wid, _)| wid.as_str().cmp(id)).ok()?;
         let (id, old) = &self.workers[i];
-        let mut map = old.read_lock::<Rec>().map(|r| r.map().clone()).unwrap_or_default();
+        let old = old.read_lock::<Rec>().map(|r| r.clone());
         let derived_load = !fields.contains_key("load")
             && (fields.contains_key("active") || fields.contains_key("slots"));
+        if let Some(rec) = old.as_ref().filter(|_| fields.keys().all(|k| is_volatile(k))) {
+            // Only slot fields change: normalise them among themselves (with
+            // the worker's `slots`, which `normalise_worker` reads) and keep
+            // the rest of the record as it is.
+            let mut small: Map = VOLATILE
+                .iter()
+                .chain(&[SLOTS])
+                .filter_map(|&s| rec.slot(s).map(|v| (HOT[s].into(), v.clone())))
+                .collect();
+            small.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if derived_load {
+                small.remove("load");
+            }
+            normalise_worker(&mut small);
+            small.remove("slots");
+            if let Some(updated) = rec.with_volatile(&small) {
+                self.replace_worker(i, Dynamic::from(updated));
+                return Some(());
+            }
+        }
+        let mut map = old.map(|r| r.fields_map()).unwrap_or_default();
         map.extend(fields);
         if derived_load {
             map.remove("load");
@@ -364,16 +385,20 @@ impl StateData {
     fn put_worker(&mut self, id: ImmutableString, map: Map) {
         let value = record(map);
         match self.workers.binary_search_by(|(wid, _)| wid.cmp(&id)) {
-            Ok(i) => {
-                let old = std::mem::replace(&mut self.workers[i].1, value.clone());
-                let was_eligible = is_eligible(&field(&old, "status"));
-                self.sync_arrays(i, &id, Some(value), was_eligible, true);
-            }
+            Ok(i) => self.replace_worker(i, value),
             Err(i) => {
                 self.workers.insert(i, (id.clone(), value.clone()));
                 self.sync_arrays(i, &id, Some(value), false, false);
             }
         }
+    }
+
+    /// Puts `value` in the place of the worker at `index` (the same id).
+    fn replace_worker(&mut self, index: usize, value: Dynamic) {
+        let old = std::mem::replace(&mut self.workers[index].1, value.clone());
+        let was_eligible = is_eligible(&field(&old, "status"));
+        let id = self.workers[index].0.clone();
+        self.sync_arrays(index, &id, Some(value), was_eligible, true);
     }
 
     /// Brings the worker arrays in line with one change to `workers`: the

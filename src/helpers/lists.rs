@@ -9,7 +9,7 @@ use rhai::{Array, Dynamic, Engine, FnPtr, ImmutableString, Map, NativeCallContex
 use super::{runtime, terminated, HelperResult};
 use crate::context::{self, stable_hash};
 use crate::native::{NativeFn, Val};
-use crate::record::{self, with_map, Rec};
+use crate::record::{self, with_fields, Fields, Rec};
 use crate::state::{field, num, text};
 
 /// Reads `key` of a worker map; `()` for anything that is not a map.
@@ -350,11 +350,11 @@ fn count(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<INT>
     Ok(n)
 }
 
-fn keep(arr: &Array, pred: impl Fn(&Map) -> bool) -> Array {
-    arr.iter().filter(|w| with_map(w, |m| pred(m)).unwrap_or(false)).cloned().collect()
+fn keep(arr: &Array, pred: impl Fn(Fields<'_>) -> bool) -> Array {
+    arr.iter().filter(|w| with_fields(w, &pred).unwrap_or(false)).cloned().collect()
 }
 
-fn str_field_is(m: &Map, key: &str, want: &str) -> bool {
+fn str_field_is(m: Fields<'_>, key: &str, want: &str) -> bool {
     match m.get(key) {
         Some(v) => match v.read_lock::<ImmutableString>() {
             Some(s) => s.as_str() == want,
@@ -366,11 +366,11 @@ fn str_field_is(m: &Map, key: &str, want: &str) -> bool {
     }
 }
 
-fn int_field(m: &Map, key: &str) -> Option<INT> {
+fn int_field(m: Fields<'_>, key: &str) -> Option<INT> {
     m.get(key).and_then(|v| v.as_int().ok())
 }
 
-fn serves(m: &Map, names: &[ImmutableString]) -> bool {
+fn serves(m: Fields<'_>, names: &[ImmutableString]) -> bool {
     let matches = |v: &Dynamic| text(v).is_some_and(|s| names.contains(&s));
     m.get("model").is_some_and(matches)
         || m.get("models")
@@ -396,7 +396,7 @@ fn can_fit(arr: &mut Array, reference: &str) -> Array {
 fn in_region(arr: &mut Array, region: &str) -> Array {
     keep(arr, |m| {
         m.get("geo")
-            .and_then(|g| g.read_lock::<Map>().map(|g| str_field_is(&g, "region", region)))
+            .and_then(|g| g.read_lock::<Map>().map(|g| str_field_is(Fields::Map(&g), "region", region)))
             .unwrap_or(false)
             || str_field_is(m, "region", region)
     })
