@@ -114,6 +114,10 @@ fn volatile_index(slot: usize) -> Option<usize> {
 struct Base {
     map: Map,
     hot: Box<[Option<Dynamic>]>,
+    /// What `estimated_time` needs of the fields that do not change with
+    /// the worker's load, read once: time to first token, tokens per second
+    /// (`None` when not positive: no estimate) and slots.
+    speed: Option<(f64, f64, f64)>,
 }
 
 #[derive(Debug)]
@@ -134,7 +138,11 @@ impl Rec {
             }
         }
         let vol = VOLATILE.map(|slot| hot[slot].clone());
-        Rec(Arc::new(RecData { base: Arc::new(Base { map, hot }), vol }))
+        let get = |slot: usize| hot[slot].as_ref().and_then(num);
+        let speed = get(TOKENS_PER_SEC).filter(|t| *t > 0.0).map(|tps| {
+            (get(LATENCY_MS).unwrap_or(0.0), tps, get(SLOTS).unwrap_or(1.0).max(1.0))
+        });
+        Rec(Arc::new(RecData { base: Arc::new(Base { map, hot, speed }), vol }))
     }
 
     /// The record with some volatile fields changed, sharing the rest with
@@ -197,11 +205,10 @@ impl Rec {
     /// `estimate` for a job of `max_tokens`, for a caller that has read it
     /// once for many workers (`native::bind`).
     pub fn estimate_for(&self, max_tokens: f64) -> Option<f64> {
-        let get = |slot: usize| self.slot(slot).and_then(num);
-        let tps = get(TOKENS_PER_SEC).filter(|t| *t > 0.0)?;
-        let service = get(LATENCY_MS).unwrap_or(0.0) + max_tokens / tps * 1000.0;
-        let slots = get(SLOTS).unwrap_or(1.0).max(1.0);
-        let ahead = (get(ACTIVE).unwrap_or(0.0) - slots + 1.0).max(0.0);
+        let (latency, tps, slots) = self.0.base.speed?;
+        let service = latency + max_tokens / tps * 1000.0;
+        let active = self.slot(ACTIVE).and_then(num).unwrap_or(0.0);
+        let ahead = (active - slots + 1.0).max(0.0);
         Some(ahead * service / slots + service)
     }
 

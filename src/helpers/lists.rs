@@ -218,6 +218,14 @@ impl<'a> Caller<'a> {
         }
     }
 
+    /// `call` for a sort key, without making a `Dynamic` of a native answer.
+    fn key(&mut self, item: &Dynamic, index: usize) -> HelperResult<Option<Key>> {
+        match self.native(item)? {
+            Some(v) => Ok(Key::of_native(v)),
+            None => Ok(Key::of(&self.script(item, index)?)),
+        }
+    }
+
     fn finish(self) -> HelperResult<()> {
         context::charge(self.native_calls % 4096).map_err(terminated)
     }
@@ -235,22 +243,39 @@ fn filter(ctx: NativeCallContext, arr: &mut Array, f: FnPtr) -> HelperResult<Arr
     Ok(out)
 }
 
-/// Orders sort keys: numbers by value, then strings; `()` and other types are
-/// not comparable and such elements are skipped.
-fn key_cmp(a: &Dynamic, b: &Dynamic) -> Option<Ordering> {
-    match (num(a), num(b)) {
-        (Some(x), Some(y)) => Some(x.total_cmp(&y)),
-        (Some(_), None) if b.is_string() => Some(Ordering::Less),
-        (None, Some(_)) if a.is_string() => Some(Ordering::Greater),
-        _ => match (text(a), text(b)) {
-            (Some(x), Some(y)) => Some(x.cmp(&y)),
-            _ => None,
-        },
-    }
+/// A sort key of `min_by`/`max_by`: numbers by value, then strings. Other
+/// values (`()`, bools, maps) are not comparable and their elements are
+/// skipped.
+enum Key {
+    Num(FLOAT),
+    Text(ImmutableString),
 }
 
-fn comparable(k: &Dynamic) -> bool {
-    num(k).is_some() || k.is_string()
+impl Key {
+    fn of(v: &Dynamic) -> Option<Key> {
+        match num(v) {
+            Some(n) => Some(Key::Num(n)),
+            None => text(v).map(Key::Text),
+        }
+    }
+
+    fn of_native(v: Val) -> Option<Key> {
+        match v {
+            Val::Int(i) => Some(Key::Num(i as FLOAT)),
+            Val::Float(f) => Some(Key::Num(f)),
+            Val::Str(s) => Some(Key::Text(s)),
+            Val::Unit | Val::Bool(_) => None,
+        }
+    }
+
+    fn cmp(&self, other: &Key) -> Ordering {
+        match (self, other) {
+            (Key::Num(a), Key::Num(b)) => a.total_cmp(b),
+            (Key::Num(_), Key::Text(_)) => Ordering::Less,
+            (Key::Text(_), Key::Num(_)) => Ordering::Greater,
+            (Key::Text(a), Key::Text(b)) => a.as_str().cmp(b.as_str()),
+        }
+    }
 }
 
 fn extreme_by(
@@ -260,16 +285,13 @@ fn extreme_by(
     max: bool,
 ) -> HelperResult<Dynamic> {
     let mut caller = Caller::new(&ctx, &f);
-    let mut best: Option<(Dynamic, &Dynamic)> = None;
+    let mut best: Option<(Key, &Dynamic)> = None;
     for (i, w) in arr.iter().enumerate() {
-        let k = caller.call(w, i)?;
-        if !comparable(&k) {
-            continue;
-        }
+        let Some(k) = caller.key(w, i)? else { continue };
         let better = match &best {
             None => true,
             Some((bk, bw)) => {
-                let mut o = key_cmp(&k, bk).unwrap_or(Ordering::Equal);
+                let mut o = k.cmp(bk);
                 if max {
                     o = o.reverse();
                 }
