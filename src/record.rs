@@ -108,6 +108,22 @@ fn volatile_index(slot: usize) -> Option<usize> {
     }
 }
 
+/// A record's volatile fields, indexed by their hot slot.
+pub struct VolatileFields([Option<Dynamic>; VOLATILE.len()]);
+
+impl std::ops::Index<usize> for VolatileFields {
+    type Output = Option<Dynamic>;
+    fn index(&self, slot: usize) -> &Option<Dynamic> {
+        &self.0[volatile_index(slot).expect("a volatile slot")]
+    }
+}
+
+impl std::ops::IndexMut<usize> for VolatileFields {
+    fn index_mut(&mut self, slot: usize) -> &mut Option<Dynamic> {
+        &mut self.0[volatile_index(slot).expect("a volatile slot")]
+    }
+}
+
 /// The fields of a record as built. For the volatile fields, `vol` of the
 /// record holding it has the current values, not this.
 #[derive(Debug)]
@@ -149,11 +165,24 @@ impl Rec {
     /// this one; `None` when `fields` names anything else. `fields` must be
     /// final (normalised): they are stored as given.
     pub fn with_volatile(&self, fields: &Map) -> Option<Rec> {
-        let mut vol = self.0.vol.clone();
-        for (key, value) in fields {
-            vol[hot_slot(key).and_then(volatile_index)?] = Some(value.clone());
-        }
-        Some(Rec(Arc::new(RecData { base: self.0.base.clone(), vol })))
+        let slots: Vec<(usize, &Dynamic)> = fields
+            .iter()
+            .map(|(key, value)| hot_slot(key).filter(|s| volatile_index(*s).is_some()).map(|s| (s, value)))
+            .collect::<Option<_>>()?;
+        Some(self.with_vol(|vol| {
+            for (slot, value) in slots {
+                vol[slot] = Some(value.clone());
+            }
+        }))
+    }
+
+    /// The record with volatile fields changed by `edit`, which sees them by
+    /// their hot slot (`STATUS`, `LOAD`, `ACTIVE`, `LAST_USED_AT`) and must
+    /// leave them normalised; everything else is shared with this one.
+    pub fn with_vol(&self, edit: impl FnOnce(&mut VolatileFields)) -> Rec {
+        let mut fields = VolatileFields(self.0.vol.clone());
+        edit(&mut fields);
+        Rec(Arc::new(RecData { base: self.0.base.clone(), vol: fields.0 }))
     }
 
     /// A hot field by slot; `None` when the record does not have it.

@@ -60,7 +60,9 @@ impl Ord for Event {
     }
 }
 
-struct Worker {
+struct Worker<'py> {
+    /// The Python object standing for the worker in job records.
+    object: Bound<'py, PyAny>,
     id: ImmutableString,
     slots: i64,
     ttft: f64,
@@ -81,7 +83,9 @@ struct Worker {
     dirty: bool,
 }
 
-struct Job {
+struct Job<'py> {
+    /// The trace's job object, handed back in the job's record.
+    item: Bound<'py, PyAny>,
     seq: u64,
     at: f64,
     expires: f64,
@@ -118,7 +122,7 @@ struct ClassQueue {
 }
 
 impl ClassQueue {
-    fn trim(&mut self, jobs: &[Job]) {
+    fn trim(&mut self, jobs: &[Job<'_>]) {
         while self.head < self.items.len() && jobs[self.items[self.head]].state != QUEUED {
             self.head += 1;
             self.gone -= 1;
@@ -148,9 +152,9 @@ struct Sim<'a, 'py> {
     py: Python<'py>,
     policies: &'a [PyRef<'py, CompiledPolicy>],
     state: &'a State,
-    workers: Vec<Worker>,
+    workers: Vec<Worker<'py>>,
     by_id: HashMap<ImmutableString, usize>,
-    jobs: Vec<Job>,
+    jobs: Vec<Job<'py>>,
     network: Network,
     capacity: Option<usize>,
     aging_ms: i64,
@@ -171,6 +175,8 @@ struct Sim<'a, 'py> {
     decide_time: Duration,
     update_time: Duration,
     updates: i64,
+    ready: ImmutableString,
+    busy: ImmutableString,
 }
 
 impl<'py> Sim<'_, 'py> {
@@ -271,15 +277,9 @@ impl<'py> Sim<'_, 'py> {
         for &w in &dirty {
             let worker = &mut self.workers[w];
             worker.dirty = false;
-            let status = if worker.active >= worker.slots { "busy" } else { "ready" };
-            let mut fields = Map::new();
-            fields.insert("active".into(), Dynamic::from_int(worker.active));
-            fields.insert("status".into(), Dynamic::from(ImmutableString::from(status)));
-            if let Some(at) = worker.last_used_at {
-                fields.insert("last_used_at".into(), Dynamic::from_int(at));
-            }
-            let id = worker.id.clone();
-            self.state.update(|s| s.update_worker(&id, fields));
+            let status = if worker.active >= worker.slots { &self.busy } else { &self.ready };
+            let (active, at) = (worker.active, worker.last_used_at);
+            self.state.update(|s| s.update_slots(&worker.id, active, status, at));
         }
         self.updates += dirty.len() as i64;
         self.dirty = dirty;
@@ -522,8 +522,20 @@ fn opt<'py>(py: Python<'py>, v: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
     Ok(v.into_pyobject(py)?.into_any())
 }
 
-type WorkerSpec = (String, i64, f64, f64, f64, Vec<String>, Option<f64>, Option<f64>, Option<f64>);
+type WorkerSpec<'py> = (
+    Bound<'py, PyAny>,
+    String,
+    i64,
+    f64,
+    f64,
+    f64,
+    Vec<String>,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+);
 type JobSpec<'py> = (
+    Bound<'py, PyAny>,
     f64,
     f64,
     Option<f64>,
@@ -540,13 +552,15 @@ type JobSpec<'py> = (
 ///
 /// `policies` is the fallback chain (the active policy, then the built-in
 /// default); `state` holds the cluster and is updated as the run goes.
-/// Workers are `(id, slots, ttft_ms, tokens_per_sec, cost_per_token,
-/// model names, network_latency_ms, latitude, longitude)`; jobs, in arrival
-/// order, `(at_ms, expires_ms, deadline_at_ms, priority class, model,
-/// prompt_tokens, output_tokens, latitude, longitude, fields)`, where
-/// `fields` is the job as policies see it. `progress(n)` is called after
-/// every `tick` arrivals. The answer holds a tuple per job and per worker and
-/// the run's counters (see `model.py`).
+/// Workers are `(object, id, slots, ttft_ms, tokens_per_sec,
+/// cost_per_token, model names, network_latency_ms, latitude, longitude)`;
+/// jobs, in arrival order, `(item, at_ms, expires_ms, deadline_at_ms,
+/// priority class, model, prompt_tokens, output_tokens, latitude,
+/// longitude, fields)`, where `fields` is the job as policies see it.
+/// `progress(n)` is called after every `tick` arrivals. The answer holds a
+/// tuple per job in the field order of `model.JobRecord` (with the job's
+/// `item` and its worker's `object`), a tuple per worker, and the run's
+/// counters.
 #[pyfunction]
 #[pyo3(signature = (
     policies, state, workers, jobs, network, aging_ms, capacity, lookahead, epoch,
@@ -557,7 +571,7 @@ pub fn simulate<'py>(
     py: Python<'py>,
     policies: Vec<PyRef<'py, CompiledPolicy>>,
     state: PyRef<'py, State>,
-    workers: Vec<WorkerSpec>,
+    workers: Vec<WorkerSpec<'py>>,
     jobs: Vec<JobSpec<'py>>,
     network: (f64, f64, f64),
     aging_ms: i64,
@@ -573,7 +587,8 @@ pub fn simulate<'py>(
     let started = Instant::now();
     let workers: Vec<Worker> = workers
         .into_iter()
-        .map(|(id, slots, ttft, tps, cost, models, fixed_net, lat, lon)| Worker {
+        .map(|(object, id, slots, ttft, tps, cost, models, fixed_net, lat, lon)| Worker {
+            object,
             id: id.into(),
             slots,
             ttft,
@@ -594,12 +609,13 @@ pub fn simulate<'py>(
         .collect();
     let by_id = workers.iter().enumerate().map(|(i, w)| (w.id.clone(), i)).collect();
     let mut converted = Vec::with_capacity(jobs.len());
-    for (i, (at, expires, deadline_at, cls, model, prompt, output, lat, lon, fields)) in
+    for (i, (item, at, expires, deadline_at, cls, model, prompt, output, lat, lon, fields)) in
         jobs.into_iter().enumerate()
     {
         let mut path = String::from("job");
         let fields = dict_to_map(&fields, &mut path, 0).map_err(|e| conversion_error(py, &e))?;
         converted.push(Job {
+            item,
             seq: i as u64 + 1,
             at,
             expires,
@@ -653,6 +669,8 @@ pub fn simulate<'py>(
         decide_time: Duration::ZERO,
         update_time: Duration::ZERO,
         updates: 0,
+        ready: "ready".into(),
+        busy: "busy".into(),
     };
     sim.run(progress.as_ref(), tick)?;
     // What is left to publish (the last completions) is published, so the
@@ -661,14 +679,22 @@ pub fn simulate<'py>(
         sim.flush();
     }
 
+    let none = || py.None().into_bound(py);
     let job_rows = PyList::empty(py);
     for job in &sim.jobs {
+        let worker = job.worker.map_or_else(none, |w| sim.workers[w].object.clone());
         let row = PyTuple::new(
             py,
             [
+                job.item.clone(),
+                job.seq.into_pyobject(py)?.into_any(),
+                job.cls.into_pyobject(py)?.into_any(),
+                job.at.into_pyobject(py)?.into_any(),
+                job.expires.into_pyobject(py)?.into_any(),
+                opt(py, job.deadline_at)?,
                 job.outcome.into_pyobject(py)?.into_any(),
                 job.reason.as_deref().into_pyobject(py)?.into_any(),
-                job.worker.into_pyobject(py)?.into_any(),
+                worker,
                 opt(py, job.dispatched)?,
                 opt(py, job.start)?,
                 opt(py, job.first_token)?,

@@ -17,7 +17,7 @@ use rhai::{Array, Dynamic, ImmutableString, Map, FLOAT, INT};
 
 use crate::convert::{dict_to_map, map_to_py, ConvertError};
 use crate::errors::conversion_error;
-use crate::record::{is_volatile, Rec, HOT, SLOTS, VOLATILE};
+use crate::record::{is_volatile, Rec, ACTIVE, HOT, LAST_USED_AT, LOAD, SLOTS, STATUS, VOLATILE};
 
 pub const STATE_KEYS: &[&str] = &["workers", "pools", "gpus", "models", "tenants", "queue", "now"];
 
@@ -126,8 +126,16 @@ pub fn normalise_worker(map: &mut Map) {
     map.insert("active".into(), Dynamic::from_int(active));
     map.insert("slots".into(), Dynamic::from_int(slots));
     if !map.contains_key("load") {
-        let load = if slots > 0 { active as FLOAT / slots as FLOAT } else { 1.0 };
-        map.insert("load".into(), Dynamic::from_float(load));
+        map.insert("load".into(), Dynamic::from_float(load_of(active, slots)));
+    }
+}
+
+/// The load of a worker with `active` jobs on `slots` slots (full without slots).
+fn load_of(active: INT, slots: INT) -> FLOAT {
+    if slots > 0 {
+        active as FLOAT / slots as FLOAT
+    } else {
+        1.0
     }
 }
 
@@ -367,6 +375,31 @@ impl StateData {
         }
         normalise_worker(&mut map);
         self.put_worker(id.clone(), map);
+        Some(())
+    }
+
+    /// `update_worker(id, {active, status, last_used_at})` for a caller in
+    /// Rust that has the values already (the simulator, on every dispatch
+    /// and completion): the same record, without making and reading a map.
+    pub fn update_slots(
+        &mut self,
+        id: &str,
+        active: INT,
+        status: &ImmutableString,
+        last_used_at: Option<INT>,
+    ) -> Option<()> {
+        let i = self.workers.binary_search_by(|(wid, _)| wid.as_str().cmp(id)).ok()?;
+        let rec = self.workers[i].1.read_lock::<Rec>()?.clone();
+        let slots = rec.slot(SLOTS).and_then(whole).unwrap_or(1);
+        let updated = rec.with_vol(|vol| {
+            vol[STATUS] = Some(Dynamic::from(status.clone()));
+            vol[ACTIVE] = Some(Dynamic::from_int(active));
+            vol[LOAD] = Some(Dynamic::from_float(load_of(active, slots)));
+            if let Some(at) = last_used_at {
+                vol[LAST_USED_AT] = Some(Dynamic::from_int(at));
+            }
+        });
+        self.replace_worker(i, Dynamic::from(updated));
         Some(())
     }
 

@@ -27,10 +27,11 @@ starts. Its cost is ``(prompt_tokens + output_tokens) * cost_per_token``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from rbee import _engine, errors
 from rbee.queen.jobs import priority_class
@@ -44,34 +45,31 @@ __all__ = ["Simulation", "RunResult", "JobRecord", "START_EPOCH_MS"]
 #: policies that read ``now()`` see a fixed, plausible clock.
 START_EPOCH_MS = 1_736_121_600_000
 
-# A job's ``state``, as src/simulate.rs numbers them.
-_QUEUED, _WAITING_LOCAL, _RUNNING, _DONE = 0, 1, 2, 3
 
 
-class JobRecord:
-    """What happened to one job (times in ms from the trace start)."""
+class JobRecord(NamedTuple):
+    """What happened to one job (times in ms from the trace start). The
+    engine makes these fields, in this order (``src/simulate.rs``)."""
 
-    __slots__ = (
-        "trace", "seq", "cls", "arrival", "expires", "deadline_at", "outcome", "reason",
-        "worker", "dispatched", "start", "first_token", "end", "cost", "decisions",
-        "state", "wake_at", "seen_version", "net_ms",
-    )
-
-    def __init__(self, trace: TraceJob, seq: int, expires: float, row: tuple[Any, ...],
-                 worker: _Worker | None) -> None:
-        """``row`` is the engine's account of the job (``src/simulate.rs``)."""
-        self.trace = trace
-        self.seq = seq
-        self.cls = priority_class(trace.priority)
-        self.arrival = trace.at_ms
-        self.expires = expires
-        self.deadline_at = _deadline_at(trace)
-        self.worker = worker
-        self.outcome: str | None  # completed, rejected, expired
-        self.reason: str | None
-        (self.outcome, self.reason, _, self.dispatched, self.start, self.first_token,
-         self.end, self.cost, self.decisions, self.state, self.wake_at, self.seen_version,
-         self.net_ms) = row
+    trace: TraceJob
+    seq: int
+    cls: int
+    arrival: float
+    expires: float
+    deadline_at: float | None
+    outcome: str | None  # completed, rejected, expired
+    reason: str | None
+    worker: _Worker | None
+    dispatched: float | None
+    start: float | None
+    first_token: float | None
+    end: float | None
+    cost: float
+    decisions: int
+    state: int  # 0 queued, 1 waiting at its worker, 2 running, 3 done
+    wake_at: float | None
+    seen_version: int
+    net_ms: float
 
     @property
     def deadline_missed(self) -> bool:
@@ -174,7 +172,7 @@ class Simulation:
 
     def _job_rows(self) -> list[tuple[Any, ...]]:
         timeout = self.cluster.queue.default_timeout_ms
-        return [(item.at_ms, _expiry(item, timeout), _deadline_at(item),
+        return [(item, item.at_ms, _expiry(item, timeout), _deadline_at(item),
                  priority_class(item.priority), item.model, item.prompt_tokens,
                  item.output_tokens, item.latitude, item.longitude, item.fields)
                 for item in self.trace]
@@ -183,7 +181,7 @@ class Simulation:
         rows = []
         for w in self.workers:
             geo = w.spec.geo
-            rows.append((w.id, w.slots, w.ttft, w.tps, w.cost, sorted(w.models),
+            rows.append((w, w.id, w.slots, w.ttft, w.tps, w.cost, sorted(w.models),
                          w.spec.network_latency_ms, geo.latitude if geo else None,
                          geo.longitude if geo else None))
         return rows
@@ -208,12 +206,7 @@ class Simulation:
                 snap["status"] = "busy" if active >= worker.slots else "ready"
                 if last_used_at is not None:
                     snap["last_used_at"] = last_used_at
-            timeout = cluster.queue.default_timeout_ms
-            records = [
-                JobRecord(item, seq, _expiry(item, timeout), row,
-                          None if row[2] is None else self.workers[row[2]])
-                for seq, (item, row) in enumerate(zip(self.trace, out["jobs"]), start=1)
-            ]
+            records = list(map(_record, out["jobs"]))
         end = max((j.end for j in records if j.end is not None), default=0.0)
         fallbacks = {getattr(errors, name).code: n for name, n in out["fallbacks"].items()}
         return RunResult(
@@ -224,6 +217,10 @@ class Simulation:
             model_mismatch=out["model_mismatch"], actions=out["actions"],
             decide_s=out["decide_s"], update_s=out["update_s"], updates=out["updates"],
         )
+
+
+# A record from the engine's row, without the named tuple's argument checks.
+_record = functools.partial(tuple.__new__, JobRecord)
 
 
 @contextlib.contextmanager
