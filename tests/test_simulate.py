@@ -231,6 +231,58 @@ def test_runs_are_deterministic():
     assert first == again
 
 
+def test_the_state_ends_as_the_cluster_does_and_updates_are_counted():
+    # One worker, two jobs one after the other: j1 runs 0-100 ms, j2 arrives
+    # at 500 and runs until 600. The worker is published before j2's decision
+    # (j1 took and freed a slot) and once more at the end (j2 freed it).
+    run, _ = simulate(ONE_WORKER % 10_000, [
+        {"at_ms": 0, "id": "j1", "output_tokens": 1},
+        {"at_ms": 500, "id": "j2", "output_tokens": 1},
+    ], WAIT_FOR_A_FREE_SLOT)
+    assert [(j.trace.id, j.start, j.end) for j in run.jobs] == [("j1", 0, 100), ("j2", 500, 600)]
+    assert (run.decisions, run.updates) == (2, 2)
+    assert run.decide_s > 0 and run.update_s > 0
+    (worker,) = run.workers
+    assert (worker.active, worker.running, worker.completed, worker.busy_ms) == (0, 0, 2, 200)
+
+
+def test_the_engine_state_is_left_as_the_run_ends():
+    cluster = parse_cluster(ONE_WORKER % 10_000)
+    trace = parse_trace([json.dumps({"at_ms": 0, "output_tokens": 1}),
+                         json.dumps({"at_ms": 10, "output_tokens": 1_000_000})])
+    policy = Policy.from_source(WAIT_FOR_A_FREE_SLOT.replace(".available()", ""), name="p")
+    sim = Simulation(cluster, trace, policy)
+    run = sim.run()
+    # The second job was sent at 10 ms to the busy worker, waited there and
+    # ran last; the last decision saw two jobs on the worker, but what is
+    # left in the state is the end of the run: an idle worker.
+    assert [j.dispatched for j in run.jobs] == [0, 10]
+    (worker,) = sim.state.to_dict()["workers"]
+    assert (worker["active"], worker["load"], worker["status"]) == (0, 0.0, "ready")
+    assert worker["last_used_at"] == START_EPOCH_MS + 10
+    assert (sim.workers[0].snap["active"], sim.workers[0].snap["status"]) == (0, "ready")
+
+
+def test_a_progress_callback_that_fails_stops_the_run():
+    class Stop(Exception):
+        pass
+
+    def progress(n: int) -> None:
+        raise Stop(n)
+
+    cluster = parse_cluster(ONE_WORKER % 10_000)
+    trace = parse_trace([json.dumps({"at_ms": i, "output_tokens": 1}) for i in range(10)])
+    policy = Policy.from_source(WAIT_FOR_A_FREE_SLOT, name="p")
+    with pytest.raises(Stop):
+        Simulation(cluster, trace, policy, progress=progress).run()
+
+
+def test_a_negative_lookahead_is_refused():
+    cluster = parse_cluster(ONE_WORKER % 10_000)
+    with pytest.raises(ValueError, match="lookahead"):
+        Simulation(cluster, [], Policy.from_source(WAIT_FOR_A_FREE_SLOT, name="p"), lookahead=-1)
+
+
 def test_table_lists_the_policies_side_by_side():
     _, a = simulate(TWO_WORKERS, [{"at_ms": 0, "output_tokens": 10}], load_policy("round-robin"))
     _, b = simulate(TWO_WORKERS, [{"at_ms": 0, "output_tokens": 10}],
