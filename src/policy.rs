@@ -329,7 +329,7 @@ impl CompiledPolicy {
 }
 
 fn job_id_of(job: &Map) -> ImmutableString {
-    job.get("id").map(|v| v.to_string().into()).unwrap_or_default()
+    job.get("id").map(|v| text(v).unwrap_or_else(|| v.to_string().into())).unwrap_or_default()
 }
 
 /// Everything one decision runs with, from the job and the state: the

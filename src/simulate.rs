@@ -96,7 +96,10 @@ struct Job<'py> {
     output_tokens: f64,
     lat: Option<f64>,
     lon: Option<f64>,
-    fields: Map,
+    /// The job as policies see it, and the map made of it; `None` while a
+    /// decision has it.
+    dict: Bound<'py, PyDict>,
+    fields: Option<Map>,
     outcome: Option<&'static str>,
     reason: Option<ImmutableString>,
     worker: Option<usize>,
@@ -185,32 +188,44 @@ impl<'py> Sim<'_, 'py> {
         self.events.push(Reverse(Event { at, seq: self.event_seq, kind, job }));
     }
 
-    fn arrive(&mut self, j: usize) {
-        if self.queued == 0 && self.try_job(j) {
-            return;
+    fn arrive(&mut self, j: usize) -> PyResult<()> {
+        if self.queued == 0 && self.try_job(j)? {
+            return Ok(());
         }
         if self.capacity.is_some_and(|c| self.queued >= c) {
             self.finish(j, "rejected", "queue_full".into());
-            return;
+            return Ok(());
         }
         self.enqueue(j);
         if self.queued > 1 {
-            self.pump();
+            self.pump()?;
         }
+        Ok(())
     }
 
     /// One decision. True when the job left the queue's hands (dispatched,
     /// or ended), false when it waits.
-    fn try_job(&mut self, j: usize) -> bool {
+    fn try_job(&mut self, j: usize) -> PyResult<bool> {
         if !self.dirty.is_empty() {
             self.flush();
         }
         let now = self.now;
         let job = &mut self.jobs[j];
+        // Most jobs are decided once: the first decision takes the job's map
+        // instead of a copy, and a job that stays queued converts it again.
+        let mut fields = match job.fields.take() {
+            Some(map) if job.decisions == 0 => map,
+            Some(map) => {
+                let copy = map.clone();
+                job.fields = Some(map);
+                copy
+            }
+            None => convert_job(&job.dict)?,
+        };
         let deadline = job.deadline_at.map_or(Dynamic::UNIT, |d| Dynamic::from_int((d - now) as INT));
-        job.fields.insert("created_at".into(), Dynamic::from_int(self.epoch + job.at as INT));
-        job.fields.insert("wait_ms".into(), Dynamic::from_int((now - job.at) as INT));
-        job.fields.insert("deadline".into(), deadline);
+        fields.insert("created_at".into(), Dynamic::from_int(self.epoch + job.at as INT));
+        fields.insert("wait_ms".into(), Dynamic::from_int((now - job.at) as INT));
+        fields.insert("deadline".into(), deadline);
         job.decisions += 1;
         self.decisions += 1;
         let now_ms = self.epoch + now as INT;
@@ -218,11 +233,13 @@ impl<'py> Sim<'_, 'py> {
         let started = Instant::now();
         let mut decided = None;
         let policies = self.policies;
-        for policy in policies {
+        let last = policies.len().saturating_sub(1);
+        for (i, policy) in policies.iter().enumerate() {
             // A fresh snapshot per call, dropped with it, so that the next
             // update edits the state in place instead of copying it.
             let snapshot = self.state.snapshot();
-            match policy.decide_native(self.jobs[j].fields.clone(), snapshot, now_ms) {
+            let job = if i == last { std::mem::take(&mut fields) } else { fields.clone() };
+            match policy.decide_native(job, snapshot, now_ms) {
                 Ok(d) => {
                     decided = Some(d);
                     break;
@@ -234,7 +251,7 @@ impl<'py> Sim<'_, 'py> {
         let Some((outcome, actions)) = decided else {
             // Even the built-in default failed: the queen answers 503.
             self.finish(j, "rejected", "scheduler_error".into());
-            return true;
+            return Ok(true);
         };
         if actions > 0 {
             self.actions += 1;
@@ -243,7 +260,7 @@ impl<'py> Sim<'_, 'py> {
             Outcome::Dispatch(id) => match self.by_id.get(&id) {
                 Some(&w) => {
                     self.dispatch(j, w);
-                    return true;
+                    return Ok(true);
                 }
                 None => {
                     // The queen keeps a job whose worker it does not know queued.
@@ -254,7 +271,7 @@ impl<'py> Sim<'_, 'py> {
             Outcome::Reject(r) => {
                 let reason = if r.code.is_empty() { "rejected".into() } else { r.code };
                 self.finish(j, "rejected", reason);
-                return true;
+                return Ok(true);
             }
             Outcome::Wait(_, ms) => {
                 let wake_at = ms.filter(|ms| *ms != 0).map(|ms| now + ms as f64);
@@ -264,8 +281,12 @@ impl<'py> Sim<'_, 'py> {
                 }
             }
         }
-        self.jobs[j].seen_version = self.version;
-        false
+        let job = &mut self.jobs[j];
+        job.seen_version = self.version;
+        if job.fields.is_none() {
+            job.fields = Some(convert_job(&job.dict)?);
+        }
+        Ok(false)
     }
 
     /// Publishes the workers that changed since the last decision, once
@@ -311,9 +332,9 @@ impl<'py> Sim<'_, 'py> {
 
     /// Looks at the queue in order, deciding each job that may have a new
     /// answer: its timer fired, or a worker changed since it last waited.
-    fn pump(&mut self) {
+    fn pump(&mut self) -> PyResult<()> {
         if self.queued == 0 {
-            return;
+            return Ok(());
         }
         let now = self.now;
         let mut heads: Vec<(usize, usize)> = Vec::with_capacity(self.classes.len());
@@ -360,7 +381,7 @@ impl<'py> Sim<'_, 'py> {
                 None if job.seen_version == self.version => continue,
                 _ => {}
             }
-            if self.try_job(j) {
+            if self.try_job(j)? {
                 self.leave_queue(j);
                 in_a_row = 0;
             } else {
@@ -373,6 +394,7 @@ impl<'py> Sim<'_, 'py> {
         for queue in &mut self.classes {
             queue.trim(&self.jobs);
         }
+        Ok(())
     }
 
     fn network_ms(&self, w: usize, j: usize) -> f64 {
@@ -430,7 +452,7 @@ impl<'py> Sim<'_, 'py> {
         self.push(end, Kind::Complete, j);
     }
 
-    fn complete(&mut self, j: usize) {
+    fn complete(&mut self, j: usize) -> PyResult<()> {
         let w = self.jobs[j].worker.expect("a completing job has a worker");
         let job = &mut self.jobs[j];
         let worker = &mut self.workers[w];
@@ -445,7 +467,7 @@ impl<'py> Sim<'_, 'py> {
             self.start(next, w);
         }
         self.mark(w);
-        self.pump();
+        self.pump()
     }
 
     fn expire(&mut self, j: usize) {
@@ -478,12 +500,12 @@ impl<'py> Sim<'_, 'py> {
                     self.now = event.at;
                     let j = event.job;
                     if event.kind == Kind::Complete {
-                        self.complete(j);
+                        self.complete(j)?;
                     } else if self.jobs[j].state == QUEUED {
                         if event.kind == Kind::Expire {
                             self.expire(j);
                         } else if self.jobs[j].wake_at.is_some_and(|w| w <= event.at) {
-                            self.pump();
+                            self.pump()?;
                         }
                     }
                     continue;
@@ -492,7 +514,7 @@ impl<'py> Sim<'_, 'py> {
             let Some(arrival) = arrival else { break };
             self.now = arrival;
             i += 1;
-            self.arrive(i - 1);
+            self.arrive(i - 1)?;
             if i % tick == 0 {
                 self.py.check_signals()?;
                 if let Some(p) = progress {
@@ -507,6 +529,11 @@ impl<'py> Sim<'_, 'py> {
         }
         Ok(())
     }
+}
+
+fn convert_job(dict: &Bound<'_, PyDict>) -> PyResult<Map> {
+    let mut path = String::from("job");
+    dict_to_map(dict, &mut path, 0).map_err(|e| conversion_error(dict.py(), &e))
 }
 
 /// The distance of `rbee.simulate.cluster.great_circle_km`, step by step as
@@ -612,8 +639,7 @@ pub fn simulate<'py>(
     for (i, (item, at, expires, deadline_at, cls, model, prompt, output, lat, lon, fields)) in
         jobs.into_iter().enumerate()
     {
-        let mut path = String::from("job");
-        let fields = dict_to_map(&fields, &mut path, 0).map_err(|e| conversion_error(py, &e))?;
+        let map = convert_job(&fields)?;
         converted.push(Job {
             item,
             seq: i as u64 + 1,
@@ -626,7 +652,8 @@ pub fn simulate<'py>(
             output_tokens: output as f64,
             lat,
             lon,
-            fields,
+            dict: fields,
+            fields: Some(map),
             outcome: None,
             reason: None,
             worker: None,
