@@ -15,7 +15,8 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::intern;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use rhai::{Dynamic, ImmutableString, Map, INT};
 
 use crate::convert::dict_to_map;
@@ -561,37 +562,23 @@ type WorkerSpec<'py> = (
     Option<f64>,
     Option<f64>,
 );
-type JobSpec<'py> = (
-    Bound<'py, PyAny>,
-    f64,
-    f64,
-    Option<f64>,
-    i64,
-    Option<String>,
-    i64,
-    i64,
-    Option<f64>,
-    Option<f64>,
-    Bound<'py, PyDict>,
-);
-
 /// Runs a simulation; `rbee.simulate.model.Simulation.run` is its Python face.
 ///
 /// `policies` is the fallback chain (the active policy, then the built-in
 /// default); `state` holds the cluster and is updated as the run goes.
 /// Workers are `(object, id, slots, ttft_ms, tokens_per_sec,
 /// cost_per_token, model names, network_latency_ms, latitude, longitude)`;
-/// jobs, in arrival order, `(item, at_ms, expires_ms, deadline_at_ms,
-/// priority class, model, prompt_tokens, output_tokens, latitude,
-/// longitude, fields)`, where `fields` is the job as policies see it.
-/// `progress(n)` is called after every `tick` arrivals. The answer holds a
+/// jobs are the trace's `TraceJob` objects in arrival order (their `fields`
+/// are the job as policies see it), with `classes` giving the priority class
+/// of a priority (`default_class` for the rest) and `default_timeout_ms` the
+/// queue's timeout. `progress(n)` is called after every `tick` arrivals. The answer holds a
 /// tuple per job in the field order of `model.JobRecord` (with the job's
 /// `item` and its worker's `object`), a tuple per worker, and the run's
 /// counters.
 #[pyfunction]
 #[pyo3(signature = (
-    policies, state, workers, jobs, network, aging_ms, capacity, lookahead, epoch,
-    progress = None, tick = 1
+    policies, state, workers, jobs, classes, default_class, network, aging_ms,
+    default_timeout_ms, capacity, lookahead, epoch, progress = None, tick = 1
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn simulate<'py>(
@@ -599,9 +586,12 @@ pub fn simulate<'py>(
     policies: Vec<PyRef<'py, CompiledPolicy>>,
     state: PyRef<'py, State>,
     workers: Vec<WorkerSpec<'py>>,
-    jobs: Vec<JobSpec<'py>>,
+    jobs: Vec<Bound<'py, PyAny>>,
+    classes: Bound<'py, PyDict>,
+    default_class: i64,
     network: (f64, f64, f64),
     aging_ms: i64,
+    default_timeout_ms: i64,
     capacity: Option<usize>,
     lookahead: usize,
     epoch: INT,
@@ -636,23 +626,37 @@ pub fn simulate<'py>(
         .collect();
     let by_id = workers.iter().enumerate().map(|(i, w)| (w.id.clone(), i)).collect();
     let mut converted = Vec::with_capacity(jobs.len());
-    for (i, (item, at, expires, deadline_at, cls, model, prompt, output, lat, lon, fields)) in
-        jobs.into_iter().enumerate()
-    {
-        let map = convert_job(&fields)?;
+    for (i, item) in jobs.into_iter().enumerate() {
+        let get = |name: &Bound<'py, PyString>| item.getattr(name);
+        let at: f64 = get(intern!(py, "at_ms"))?.extract()?;
+        let timeout = get(intern!(py, "timeout_ms"))?.extract::<Option<i64>>()?;
+        let deadline_ms = get(intern!(py, "deadline_ms"))?.extract::<Option<i64>>()?;
+        // As `rbee.simulate.model`: a queued job ends at its timeout, or at
+        // its deadline if that comes first.
+        let deadline_at = deadline_ms.map(|d| at + d as f64);
+        let mut expires = at + timeout.unwrap_or(default_timeout_ms) as f64;
+        if let Some(d) = deadline_at {
+            expires = expires.min(d);
+        }
+        let cls = match classes.get_item(get(intern!(py, "priority"))?)? {
+            Some(c) => c.extract::<i64>()?,
+            None => default_class,
+        };
+        let dict = get(intern!(py, "fields"))?.cast_into::<PyDict>()?;
+        let map = convert_job(&dict)?;
         converted.push(Job {
-            item,
             seq: i as u64 + 1,
             at,
             expires,
             deadline_at,
             cls: cls.clamp(0, 4),
-            model,
-            prompt_tokens: prompt as f64,
-            output_tokens: output as f64,
-            lat,
-            lon,
-            dict: fields,
+            model: get(intern!(py, "model"))?.extract()?,
+            prompt_tokens: get(intern!(py, "prompt_tokens"))?.extract()?,
+            output_tokens: get(intern!(py, "output_tokens"))?.extract()?,
+            lat: get(intern!(py, "latitude"))?.extract()?,
+            lon: get(intern!(py, "longitude"))?.extract()?,
+            item,
+            dict,
             fields: Some(map),
             outcome: None,
             reason: None,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from rbee import _engine, errors
-from rbee.queen.jobs import priority_class
+from rbee.queen.jobs import PRIORITY_CLASSES, priority_class
 from rbee.scheduler import Policy, Scheduler, State
 from rbee.simulate.cluster import Cluster, SimWorker
 from rbee.simulate.trace import TraceJob
@@ -170,13 +170,6 @@ class Simulation:
             chain.append(self.scheduler.default._compiled)
         return chain
 
-    def _job_rows(self) -> list[tuple[Any, ...]]:
-        timeout = self.cluster.queue.default_timeout_ms
-        return [(item, item.at_ms, _expiry(item, timeout), _deadline_at(item),
-                 priority_class(item.priority), item.model, item.prompt_tokens,
-                 item.output_tokens, item.latitude, item.longitude, item.fields)
-                for item in self.trace]
-
     def _worker_rows(self) -> list[tuple[Any, ...]]:
         rows = []
         for w in self.workers:
@@ -192,8 +185,9 @@ class Simulation:
         net = cluster.network
         with _collector_paused():
             out = _engine.simulate(
-                self._chain(), self.state, self._worker_rows(), self._job_rows(),
-                (net.base_ms, net.ms_per_100km, net.unknown_ms), cluster.queue.aging_ms,
+                self._chain(), self.state, self._worker_rows(), self.trace, _CLASSES,
+                priority_class(""), (net.base_ms, net.ms_per_100km, net.unknown_ms),
+                cluster.queue.aging_ms, cluster.queue.default_timeout_ms,
                 cluster.queue.capacity, self.lookahead, self.epoch, self.progress,
                 max(1, len(self.trace) // 200),
             )
@@ -219,6 +213,9 @@ class Simulation:
         )
 
 
+# The queue's class of each priority (others count as "normal"), for the engine.
+_CLASSES = {name: priority_class(name) for name in PRIORITY_CLASSES}
+
 # A record from the engine's row, without the named tuple's argument checks.
 _record = functools.partial(tuple.__new__, JobRecord)
 
@@ -235,15 +232,3 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if collecting:
             gc.enable()
-
-
-def _deadline_at(item: TraceJob) -> float | None:
-    return None if item.deadline_ms is None else item.at_ms + item.deadline_ms
-
-
-def _expiry(item: TraceJob, default_timeout_ms: int) -> float:
-    """When a job still queued ends: its timeout, or its deadline if sooner."""
-    expires = item.at_ms + (item.timeout_ms or default_timeout_ms)
-    if item.deadline_ms is not None:
-        expires = min(expires, item.at_ms + item.deadline_ms)
-    return expires
