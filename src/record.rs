@@ -130,16 +130,29 @@ impl std::ops::IndexMut<usize> for VolatileFields {
 struct Base {
     map: Map,
     hot: Box<[Option<Dynamic>]>,
-    /// What `estimated_time` needs of the fields that do not change with
-    /// the worker's load, read once: time to first token, tokens per second
-    /// (`None` when not positive: no estimate) and slots.
-    speed: Option<(f64, f64, f64)>,
 }
 
 #[derive(Debug)]
 pub struct RecData {
     base: Arc<Base>,
     vol: [Option<Dynamic>; VOLATILE.len()],
+    /// What `estimated_time` needs, read once as numbers and kept here
+    /// rather than behind `base` (one pointer fewer to follow per worker in
+    /// a filter on it): time to first token, tokens per second (`None` when
+    /// not positive: no estimate) and slots; and the `active` count.
+    speed: Option<(f64, f64, f64)>,
+    active: f64,
+}
+
+impl RecData {
+    fn new(base: Arc<Base>, vol: [Option<Dynamic>; VOLATILE.len()]) -> Self {
+        let get = |slot: usize| base.hot[slot].as_ref().and_then(num);
+        let speed = get(TOKENS_PER_SEC).filter(|t| *t > 0.0).map(|tps| {
+            (get(LATENCY_MS).unwrap_or(0.0), tps, get(SLOTS).unwrap_or(1.0).max(1.0))
+        });
+        let active = vol[volatile_index(ACTIVE).unwrap()].as_ref().and_then(num).unwrap_or(0.0);
+        RecData { base, vol, speed, active }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -154,11 +167,7 @@ impl Rec {
             }
         }
         let vol = VOLATILE.map(|slot| hot[slot].clone());
-        let get = |slot: usize| hot[slot].as_ref().and_then(num);
-        let speed = get(TOKENS_PER_SEC).filter(|t| *t > 0.0).map(|tps| {
-            (get(LATENCY_MS).unwrap_or(0.0), tps, get(SLOTS).unwrap_or(1.0).max(1.0))
-        });
-        Rec(Arc::new(RecData { base: Arc::new(Base { map, hot, speed }), vol }))
+        Rec(Arc::new(RecData::new(Arc::new(Base { map, hot }), vol)))
     }
 
     /// The record with some volatile fields changed, sharing the rest with
@@ -182,7 +191,7 @@ impl Rec {
     pub fn with_vol(&self, edit: impl FnOnce(&mut VolatileFields)) -> Rec {
         let mut fields = VolatileFields(self.0.vol.clone());
         edit(&mut fields);
-        Rec(Arc::new(RecData { base: self.0.base.clone(), vol: fields.0 }))
+        Rec(Arc::new(RecData::new(self.0.base.clone(), fields.0)))
     }
 
     /// A hot field by slot; `None` when the record does not have it.
@@ -234,10 +243,9 @@ impl Rec {
     /// `estimate` for a job of `max_tokens`, for a caller that has read it
     /// once for many workers (`native::bind`).
     pub fn estimate_for(&self, max_tokens: f64) -> Option<f64> {
-        let (latency, tps, slots) = self.0.base.speed?;
+        let (latency, tps, slots) = self.0.speed?;
         let service = latency + max_tokens / tps * 1000.0;
-        let active = self.slot(ACTIVE).and_then(num).unwrap_or(0.0);
-        let ahead = (active - slots + 1.0).max(0.0);
+        let ahead = (self.0.active - slots + 1.0).max(0.0);
         Some(ahead * service / slots + service)
     }
 
