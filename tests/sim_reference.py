@@ -11,20 +11,14 @@ import collections
 import heapq
 import itertools
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from rbee.errors import PolicyError
 from rbee.queen.jobs import priority_class
-from rbee.scheduler import Policy, Scheduler, State
-from rbee.simulate.cluster import Cluster, SimWorker
+from rbee.simulate import model
+from rbee.simulate.model import RunResult, _Worker
 from rbee.simulate.trace import TraceJob
 
 __all__ = ["Simulation"]
-
-#: Simulated time 0 is 2025-01-06T00:00:00Z (a Monday, midnight UTC), so
-#: policies that read ``now()`` see a fixed, plausible clock.
-START_EPOCH_MS = 1_736_121_600_000
 
 _COMPLETE, _WAKE, _EXPIRE = 0, 1, 2
 _QUEUED, _WAITING_LOCAL, _RUNNING, _DONE = 0, 1, 2, 3
@@ -57,36 +51,9 @@ class JobRecord:
         self.seen_version = -1
         self.net_ms = 0.0
 
-    @property
-    def deadline_missed(self) -> bool:
-        if self.deadline_at is None or self.outcome == "rejected":
-            return False
-        return self.outcome == "expired" or self.end > self.deadline_at
-
-    @property
-    def queue_wait(self) -> float | None:
-        """Arrival to the start of work: the queen's queue and the worker's."""
-        return None if self.start is None else self.start - self.arrival
-
-
-class _Worker:
-    __slots__ = ("spec", "id", "slots", "running", "active", "waiting", "snap", "ttft",
-                 "tps", "cost", "busy_ms", "completed", "models")
-
-    def __init__(self, spec: SimWorker, snap: dict[str, Any], names: set[str]) -> None:
-        self.spec = spec
-        self.id = spec.id
-        self.slots = spec.slots
-        self.running = 0
-        self.active = 0
-        self.waiting: collections.deque[JobRecord] = collections.deque()
-        self.snap = snap
-        self.ttft = spec.ttft_ms
-        self.tps = spec.tokens_per_sec
-        self.cost = spec.cost_per_token or 0.0
-        self.busy_ms = 0.0
-        self.completed = 0
-        self.models = names
+    # The same reading of the fields as the engine's records.
+    deadline_missed = model.JobRecord.deadline_missed
+    queue_wait = model.JobRecord.queue_wait
 
 
 class _ClassQueue:
@@ -113,53 +80,13 @@ class _ClassQueue:
             self.head = 0
 
 
-@dataclass
-class RunResult:
-    policy: str
-    jobs: list[JobRecord]
-    workers: list[_Worker]
-    end_ms: float
-    wall_s: float
-    decisions: int
-    fallbacks: dict[str, int] = field(default_factory=dict)
-    unknown_worker: int = 0
-    model_mismatch: int = 0
-    actions: int = 0
+class Simulation(model.Simulation):
+    """The engine's `Simulation` with the old loop in place of the engine's."""
 
-
-class Simulation:
-    """One policy over one trace on one cluster. ``lookahead`` bounds how
-    many queued jobs in a row may keep waiting before a look at the queue
-    stops (0: look at all of them, as the queen does)."""
-
-    def __init__(self, cluster: Cluster, jobs: list[TraceJob], policy: Policy, *,
-                 lookahead: int = 32, start_epoch_ms: int = START_EPOCH_MS,
-                 progress: Callable[[int], None] | None = None) -> None:
-        self.cluster = cluster
-        self.trace = jobs
-        self.policy = policy
-        self.lookahead = lookahead
-        self.epoch = start_epoch_ms
-        self.progress = progress
-        self.scheduler = Scheduler(policy, limits=policy.limits)
-        aliases: dict[str, set[str]] = {}
-        for model in cluster.models:
-            names = {model["id"], *model.get("aliases", ())}
-            for name in names:
-                aliases.setdefault(name, set()).update(names)
-        self._aliases = aliases
-        self.workers: list[_Worker] = []
-        snapshots = []
-        for spec in cluster.workers:
-            snap = cluster.snapshot(spec)
-            names: set[str] = set()
-            for name in snap["models"]:
-                names |= aliases.get(name, {name})
-            self.workers.append(_Worker(spec, snap, names))
-            snapshots.append(snap)
-        self.by_id = {w.id: w for w in self.workers}
-        self.state = State({"workers": snapshots, "models": cluster.models,
-                            "tenants": cluster.tenants, "now": start_epoch_ms})
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiting: dict[str, collections.deque[JobRecord]] = {
+            w.id: collections.deque() for w in self.workers}
         self.now = 0.0
         self.version = 0  # bumped whenever a worker's state changes
         self._dirty: dict[str, _Worker] = {}
@@ -379,7 +306,7 @@ class Simulation:
             self._start(job, worker)
         else:
             job.state = _WAITING_LOCAL
-            worker.waiting.append(job)
+            self._waiting[worker.id].append(job)
 
     def _start(self, job: JobRecord, worker: _Worker) -> None:
         worker.running += 1
@@ -400,8 +327,9 @@ class Simulation:
         job.cost = (trace.prompt_tokens + trace.output_tokens) * worker.cost
         job.outcome = "completed"
         job.state = _DONE
-        if worker.waiting:
-            self._start(worker.waiting.popleft(), worker)
+        waiting = self._waiting[worker.id]
+        if waiting:
+            self._start(waiting.popleft(), worker)
         self._dirty[worker.id] = worker
         self.version += 1
         self._pump()
