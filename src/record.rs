@@ -147,9 +147,9 @@ pub struct RecData {
 impl RecData {
     fn new(base: Arc<Base>, vol: [Option<Dynamic>; VOLATILE.len()]) -> Self {
         let get = |slot: usize| base.hot[slot].as_ref().and_then(num);
-        let speed = get(TOKENS_PER_SEC).filter(|t| *t > 0.0).map(|tps| {
-            (get(LATENCY_MS).unwrap_or(0.0), tps, get(SLOTS).unwrap_or(1.0).max(1.0))
-        });
+        let speed = get(TOKENS_PER_SEC)
+            .filter(|t| *t > 0.0)
+            .map(|tps| (get(LATENCY_MS).unwrap_or(0.0), tps, get(SLOTS).unwrap_or(1.0).max(1.0)));
         let active = vol[volatile_index(ACTIVE).unwrap()].as_ref().and_then(num).unwrap_or(0.0);
         RecData { base, vol, speed, active }
     }
@@ -176,7 +176,9 @@ impl Rec {
     pub fn with_volatile(&self, fields: &Map) -> Option<Rec> {
         let slots: Vec<(usize, &Dynamic)> = fields
             .iter()
-            .map(|(key, value)| hot_slot(key).filter(|s| volatile_index(*s).is_some()).map(|s| (s, value)))
+            .map(|(key, value)| {
+                hot_slot(key).filter(|s| volatile_index(*s).is_some()).map(|s| (s, value))
+            })
             .collect::<Option<_>>()?;
         Some(self.with_vol(|vol| {
             for (slot, value) in slots {

@@ -14,8 +14,8 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use pyo3::prelude::*;
 use pyo3::intern;
+use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use rhai::{Dynamic, ImmutableString, Map, INT};
 
@@ -223,7 +223,8 @@ impl<'py> Sim<'_, 'py> {
             }
             None => convert_job(&job.dict)?,
         };
-        let deadline = job.deadline_at.map_or(Dynamic::UNIT, |d| Dynamic::from_int((d - now) as INT));
+        let deadline =
+            job.deadline_at.map_or(Dynamic::UNIT, |d| Dynamic::from_int((d - now) as INT));
         fields.insert("created_at".into(), Dynamic::from_int(self.epoch + job.at as INT));
         fields.insert("wait_ms".into(), Dynamic::from_int((now - job.at) as INT));
         fields.insert("deadline".into(), deadline);

@@ -418,7 +418,9 @@ fn can_fit(arr: &mut Array, reference: &str) -> Array {
 fn in_region(arr: &mut Array, region: &str) -> Array {
     keep(arr, |m| {
         m.get("geo")
-            .and_then(|g| g.read_lock::<Map>().map(|g| str_field_is(Fields::Map(&g), "region", region)))
+            .and_then(|g| {
+                g.read_lock::<Map>().map(|g| str_field_is(Fields::Map(&g), "region", region))
+            })
             .unwrap_or(false)
             || str_field_is(m, "region", region)
     })
