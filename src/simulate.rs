@@ -6,7 +6,7 @@
 //! turns the answer into job records. The loop lives here because a simulated
 //! job is a decision, one or two worker updates and a few events: written in
 //! Python, with every decision and update crossing into the engine and back,
-//! the crossing and the interpreter took about two thirds of a job's time
+//! the crossings and the interpreter took over a third of a job's time
 //! (docs/benchmarks.md, "Simulator"). Here a decision gets the job as a Rhai
 //! map and the state as the engine holds it, with nothing converted.
 
