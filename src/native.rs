@@ -10,6 +10,7 @@
 //! (mismatched types, `()`, overflow): the result is always what Rhai computes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::context;
 use crate::record::{hot_slot, Rec, ESTIMATE};
@@ -114,7 +115,7 @@ pub struct NativeFn {
 /// Compiled closures of one policy, by the name Rhai gives the closure.
 #[derive(Debug, Default)]
 pub struct NativeTable {
-    pub fns: HashMap<String, NativeFn>,
+    pub fns: HashMap<String, Arc<NativeFn>>,
     /// Parameter count of every script function, compiled or not.
     pub arity: HashMap<String, usize>,
 }
@@ -130,7 +131,7 @@ impl NativeTable {
             let body = body_of(def);
             let params: Vec<&str> = def.params.iter().map(|p| p.as_str()).collect();
             if let Some(node) = body_expr(&body).and_then(|e| compile(e, &params)) {
-                table.fns.insert(def.name.to_string(), NativeFn { node });
+                table.fns.insert(def.name.to_string(), Arc::new(NativeFn { node }));
             }
         }
         table
