@@ -147,7 +147,8 @@ def main() -> int:
     for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
         speeds = []
         for _ in range(args.repeat):
-            run = Simulation(cluster, jobs, load_policy(name)).run()
+            sim = Simulation(cluster, jobs, load_policy(name))
+            run = sim.run()
             speeds.append(len(jobs) / run.wall_s)
         # The breakdown of the last run: the engine times its decisions
         # and updates (src/simulate.rs); the rest is the event loop and the
@@ -157,8 +158,6 @@ def main() -> int:
         decide_us = run.decide_s / run.decisions * 1e6
         update_us = run.update_s / max(1, run.updates) * 1e6
         other_us = (run.wall_s - run.decide_s - run.update_s) / n * 1e6
-        sim = Simulation(cluster, jobs, load_policy(name))
-        sim.run()
         probe_job = dict(jobs[0].fields, deadline=40_000)
         probe = rebuild_probe(sim, probe_job)
         best = max(speeds)
