@@ -151,7 +151,7 @@ def main() -> int:
             run = sim.run()
             speeds.append(len(jobs) / run.wall_s)
         # The breakdown of the last run: the engine times its decisions
-        # and updates (src/simulate.rs); the rest is the event loop and the
+        # and updates (src/simulate/); the rest is the event loop and the
         # Python around it (preparing the jobs, building the records).
         summary = summarize(run, name)
         n = len(jobs)

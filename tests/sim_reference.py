@@ -1,8 +1,8 @@
 """The simulator's event loop as it was written in Python before it moved to
-the engine (src/simulate.rs), kept as the reference the engine's loop is
+the engine (src/simulate/model.rs), kept as the reference the engine's loop is
 checked against (tests/test_simulate_reference.py). It makes the same
 decisions through the same Python `Scheduler` a job at a time, so it is slow
-but plain; change the model here and in src/simulate.rs together.
+but plain; change the model here and in src/simulate/model.rs together.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The engine's simulator loop (src/simulate.rs) against the Python loop it
+"""The engine's simulator loop (src/simulate/model.rs) against the Python loop it
 replaced (tests/sim_reference.py): on generated traffic, with policies that
 dispatch, wait with and without timers, reject, and fail into the fallback,
 every job must end the same way at the same times.

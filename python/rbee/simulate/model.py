@@ -49,7 +49,7 @@ START_EPOCH_MS = 1_736_121_600_000
 
 class JobRecord(NamedTuple):
     """What happened to one job (times in ms from the trace start). The
-    engine makes these fields, in this order (``src/simulate.rs``)."""
+    engine makes these fields, in this order (``src/simulate/``)."""
 
     trace: TraceJob
     seq: int
@@ -127,7 +127,7 @@ class Simulation:
     stops (0: look at all of them, as the queen does).
 
     The event loop runs in the engine (``rbee._engine.simulate``, in
-    ``src/simulate.rs``); this class prepares what it needs and turns its
+    ``src/simulate/``); this class prepares what it needs and turns its
     answer into :class:`JobRecord` objects."""
 
     def __init__(self, cluster: Cluster, jobs: list[TraceJob], policy: Policy, *,

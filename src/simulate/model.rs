@@ -1,22 +1,17 @@
-//! The event loop of `rbee simulate`: a trace replayed through a policy on a
-//! simulated cluster, in simulated milliseconds.
-//!
-//! The model itself (what a job does on arrival, in the queue, on a worker) is
-//! described in `python/rbee/simulate/model.py`, which prepares the inputs and
-//! turns the answer into job records. The loop lives here because a simulated
-//! job is a decision, one or two worker updates and a few events: written in
-//! Python, with every decision and update crossing into the engine and back,
-//! the crossings and the interpreter took over a third of a job's time
-//! (docs/benchmarks.md, "Simulator"). Here a decision gets the job as a Rhai
-//! map and the state as the engine holds it, with nothing converted.
+//! The discrete-event model of `rbee simulate`: arrivals, completions,
+//! timers and expiries in simulated milliseconds; the queen's queue (priority
+//! classes with aging, lookahead) and each worker's slots and local queue;
+//! decisions along the fallback chain and worker updates made on the
+//! engine's own state. `python/rbee/simulate/model.py` describes the model;
+//! `tests/sim_reference.py` is the same loop in Python, which this one must
+//! agree with job for job.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::PyDict;
 use rhai::{Dynamic, ImmutableString, Map, INT};
 
 use crate::convert::dict_to_map;
@@ -61,9 +56,7 @@ impl Ord for Event {
     }
 }
 
-struct Worker<'py> {
-    /// The Python object standing for the worker in job records.
-    object: Bound<'py, PyAny>,
+pub(super) struct Worker {
     id: ImmutableString,
     slots: i64,
     ttft: f64,
@@ -75,23 +68,21 @@ struct Worker<'py> {
     fixed_net: Option<f64>,
     lat: Option<f64>,
     lon: Option<f64>,
-    running: i64,
-    active: i64,
+    pub(super) running: i64,
+    pub(super) active: i64,
     waiting: VecDeque<usize>,
-    busy_ms: f64,
-    completed: i64,
-    last_used_at: Option<INT>,
+    pub(super) busy_ms: f64,
+    pub(super) completed: i64,
+    pub(super) last_used_at: Option<INT>,
     dirty: bool,
 }
 
-struct Job<'py> {
-    /// The trace's job object, handed back in the job's record.
-    item: Bound<'py, PyAny>,
-    seq: u64,
-    at: f64,
-    expires: f64,
-    deadline_at: Option<f64>,
-    cls: i64,
+pub(super) struct Job<'py> {
+    pub(super) seq: u64,
+    pub(super) at: f64,
+    pub(super) expires: f64,
+    pub(super) deadline_at: Option<f64>,
+    pub(super) cls: i64,
     model: Option<String>,
     prompt_tokens: f64,
     output_tokens: f64,
@@ -101,19 +92,19 @@ struct Job<'py> {
     /// decision has it.
     dict: Bound<'py, PyDict>,
     fields: Option<Map>,
-    outcome: Option<&'static str>,
-    reason: Option<ImmutableString>,
-    worker: Option<usize>,
-    dispatched: Option<f64>,
-    start: Option<f64>,
-    first_token: Option<f64>,
-    end: Option<f64>,
-    cost: f64,
-    decisions: i64,
-    state: u8,
-    wake_at: Option<f64>,
-    seen_version: i64,
-    net_ms: f64,
+    pub(super) outcome: Option<&'static str>,
+    pub(super) reason: Option<ImmutableString>,
+    pub(super) worker: Option<usize>,
+    pub(super) dispatched: Option<f64>,
+    pub(super) start: Option<f64>,
+    pub(super) first_token: Option<f64>,
+    pub(super) end: Option<f64>,
+    pub(super) cost: f64,
+    pub(super) decisions: i64,
+    pub(super) state: u8,
+    pub(super) wake_at: Option<f64>,
+    pub(super) seen_version: i64,
+    pub(super) net_ms: f64,
 }
 
 /// The jobs of one priority class in arrival order; finished ones are
@@ -146,19 +137,19 @@ impl ClassQueue {
     }
 }
 
-struct Network {
-    base_ms: f64,
-    ms_per_100km: f64,
-    unknown_ms: f64,
+pub(super) struct Network {
+    pub(super) base_ms: f64,
+    pub(super) ms_per_100km: f64,
+    pub(super) unknown_ms: f64,
 }
 
-struct Sim<'a, 'py> {
+pub(super) struct Sim<'a, 'py> {
     py: Python<'py>,
     policies: &'a [PyRef<'py, CompiledPolicy>],
     state: &'a State,
-    workers: Vec<Worker<'py>>,
+    pub(super) workers: Vec<Worker>,
     by_id: HashMap<ImmutableString, usize>,
-    jobs: Vec<Job<'py>>,
+    pub(super) jobs: Vec<Job<'py>>,
     network: Network,
     capacity: Option<usize>,
     aging_ms: i64,
@@ -171,16 +162,151 @@ struct Sim<'a, 'py> {
     event_seq: u64,
     classes: Vec<ClassQueue>,
     queued: usize,
-    decisions: i64,
-    unknown_worker: i64,
-    model_mismatch: i64,
-    actions: i64,
-    fallbacks: HashMap<&'static str, i64>,
-    decide_time: Duration,
-    update_time: Duration,
-    updates: i64,
+    pub(super) decisions: i64,
+    pub(super) unknown_worker: i64,
+    pub(super) model_mismatch: i64,
+    pub(super) actions: i64,
+    pub(super) fallbacks: HashMap<&'static str, i64>,
+    pub(super) decide_time: Duration,
+    pub(super) update_time: Duration,
+    pub(super) updates: i64,
     ready: ImmutableString,
     busy: ImmutableString,
+}
+
+/// What the trace says of a job, read by `simulate`.
+pub(super) struct Arrival {
+    pub(super) at: f64,
+    pub(super) expires: f64,
+    pub(super) deadline_at: Option<f64>,
+    pub(super) cls: i64,
+    pub(super) model: Option<String>,
+    pub(super) prompt_tokens: f64,
+    pub(super) output_tokens: f64,
+    pub(super) lat: Option<f64>,
+    pub(super) lon: Option<f64>,
+}
+
+impl<'py> Job<'py> {
+    /// The `seq`-th job of the trace (from 1), not yet arrived; `dict` is the
+    /// job as policies see it.
+    pub(super) fn new(seq: u64, a: Arrival, dict: Bound<'py, PyDict>) -> PyResult<Self> {
+        let fields = convert_job(&dict)?;
+        Ok(Job {
+            seq,
+            at: a.at,
+            expires: a.expires,
+            deadline_at: a.deadline_at,
+            cls: a.cls.clamp(0, 4),
+            model: a.model,
+            prompt_tokens: a.prompt_tokens,
+            output_tokens: a.output_tokens,
+            lat: a.lat,
+            lon: a.lon,
+            dict,
+            fields: Some(fields),
+            outcome: None,
+            reason: None,
+            worker: None,
+            dispatched: None,
+            start: None,
+            first_token: None,
+            end: None,
+            cost: 0.0,
+            decisions: 0,
+            state: QUEUED,
+            wake_at: None,
+            seen_version: -1,
+            net_ms: 0.0,
+        })
+    }
+}
+
+impl Worker {
+    /// An idle worker: `models` are the names it serves (aliases included;
+    /// empty: any), `fixed_net` its `network_latency_ms`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        id: ImmutableString,
+        slots: i64,
+        ttft: f64,
+        tps: f64,
+        cost: f64,
+        models: HashSet<String>,
+        fixed_net: Option<f64>,
+        (lat, lon): (Option<f64>, Option<f64>),
+    ) -> Self {
+        Worker {
+            id,
+            slots,
+            ttft,
+            tps,
+            cost,
+            models,
+            fixed_net,
+            lat,
+            lon,
+            running: 0,
+            active: 0,
+            waiting: VecDeque::new(),
+            busy_ms: 0.0,
+            completed: 0,
+            last_used_at: None,
+            dirty: false,
+        }
+    }
+}
+
+/// The queue's settings and the clock a run starts from.
+pub(super) struct Settings {
+    pub(super) network: Network,
+    pub(super) capacity: Option<usize>,
+    pub(super) aging_ms: i64,
+    pub(super) lookahead: usize,
+    pub(super) epoch: INT,
+}
+
+impl<'a, 'py> Sim<'a, 'py> {
+    pub(super) fn new(
+        py: Python<'py>,
+        policies: &'a [PyRef<'py, CompiledPolicy>],
+        state: &'a State,
+        workers: Vec<Worker>,
+        jobs: Vec<Job<'py>>,
+        settings: Settings,
+    ) -> Self {
+        let by_id = workers.iter().enumerate().map(|(i, w)| (w.id.clone(), i)).collect();
+        Sim {
+            py,
+            policies,
+            state,
+            workers,
+            by_id,
+            jobs,
+            network: settings.network,
+            capacity: settings.capacity,
+            aging_ms: settings.aging_ms,
+            lookahead: settings.lookahead,
+            epoch: settings.epoch,
+            now: 0.0,
+            version: 0,
+            dirty: Vec::new(),
+            events: BinaryHeap::new(),
+            event_seq: 0,
+            classes: (0..5).map(|_| ClassQueue::default()).collect(),
+            queued: 0,
+            decisions: 0,
+            unknown_worker: 0,
+            model_mismatch: 0,
+            actions: 0,
+            fallbacks: HashMap::new(),
+            decide_time: Duration::ZERO,
+            update_time: Duration::ZERO,
+            updates: 0,
+            ready: "ready".into(),
+            busy: "busy".into(),
+        }
+    }
 }
 
 impl<'py> Sim<'_, 'py> {
@@ -296,16 +422,14 @@ impl<'py> Sim<'_, 'py> {
     /// `load` from them).
     fn flush(&mut self) {
         let started = Instant::now();
-        let dirty = std::mem::take(&mut self.dirty);
-        for &w in &dirty {
+        for &w in &self.dirty {
             let worker = &mut self.workers[w];
             worker.dirty = false;
             let status = if worker.active >= worker.slots { &self.busy } else { &self.ready };
             let (active, at) = (worker.active, worker.last_used_at);
             self.state.update(|s| s.update_slots(&worker.id, active, status, at));
         }
-        self.updates += dirty.len() as i64;
-        self.dirty = dirty;
+        self.updates += self.dirty.len() as i64;
         self.dirty.clear();
         self.update_time += started.elapsed();
     }
@@ -490,7 +614,11 @@ impl<'py> Sim<'_, 'py> {
         job.end = Some(now);
     }
 
-    fn run(&mut self, progress: Option<&Bound<'py, PyAny>>, tick: usize) -> PyResult<()> {
+    pub(super) fn run(
+        &mut self,
+        progress: Option<&Bound<'py, PyAny>>,
+        tick: usize,
+    ) -> PyResult<()> {
         let count = self.jobs.len();
         let tick = tick.max(1);
         let mut i = 0;
@@ -529,6 +657,11 @@ impl<'py> Sim<'_, 'py> {
                 p.call1((count % tick,))?;
             }
         }
+        // What is left to publish (the last completions) is published, so
+        // the state ends as the cluster does.
+        if !self.dirty.is_empty() {
+            self.flush();
+        }
         Ok(())
     }
 }
@@ -545,221 +678,4 @@ fn great_circle_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
     let (dp, dl) = (p2 - p1, (lon2 - lon1).to_radians());
     let a = (dp / 2.0).sin().powi(2) + p1.cos() * p2.cos() * (dl / 2.0).sin().powi(2);
     2.0 * 6371.0 * a.sqrt().min(1.0).asin()
-}
-
-fn opt<'py>(py: Python<'py>, v: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
-    Ok(v.into_pyobject(py)?.into_any())
-}
-
-type WorkerSpec<'py> = (
-    Bound<'py, PyAny>,
-    String,
-    i64,
-    f64,
-    f64,
-    f64,
-    Vec<String>,
-    Option<f64>,
-    Option<f64>,
-    Option<f64>,
-);
-/// Runs a simulation; `rbee.simulate.model.Simulation.run` is its Python face.
-///
-/// `policies` is the fallback chain (the active policy, then the built-in
-/// default); `state` holds the cluster and is updated as the run goes.
-/// Workers are `(object, id, slots, ttft_ms, tokens_per_sec,
-/// cost_per_token, model names, network_latency_ms, latitude, longitude)`;
-/// jobs are the trace's `TraceJob` objects in arrival order (their `fields`
-/// are the job as policies see it), with `classes` giving the priority class
-/// of a priority (`default_class` for the rest) and `default_timeout_ms` the
-/// queue's timeout. `progress(n)` is called after every `tick` arrivals. The answer holds a
-/// tuple per job in the field order of `model.JobRecord` (with the job's
-/// `item` and its worker's `object`), a tuple per worker, and the run's
-/// counters.
-#[pyfunction]
-#[pyo3(signature = (
-    policies, state, workers, jobs, classes, default_class, network, aging_ms,
-    default_timeout_ms, capacity, lookahead, epoch, progress = None, tick = 1
-))]
-#[allow(clippy::too_many_arguments)]
-pub fn simulate<'py>(
-    py: Python<'py>,
-    policies: Vec<PyRef<'py, CompiledPolicy>>,
-    state: PyRef<'py, State>,
-    workers: Vec<WorkerSpec<'py>>,
-    jobs: Vec<Bound<'py, PyAny>>,
-    classes: Bound<'py, PyDict>,
-    default_class: i64,
-    network: (f64, f64, f64),
-    aging_ms: i64,
-    default_timeout_ms: i64,
-    capacity: Option<usize>,
-    lookahead: usize,
-    epoch: INT,
-    progress: Option<Bound<'py, PyAny>>,
-    tick: usize,
-) -> PyResult<Bound<'py, PyDict>> {
-    if aging_ms < 1 {
-        return Err(pyo3::exceptions::PyValueError::new_err("aging_ms must be 1 or more"));
-    }
-    let started = Instant::now();
-    let workers: Vec<Worker> = workers
-        .into_iter()
-        .map(|(object, id, slots, ttft, tps, cost, models, fixed_net, lat, lon)| Worker {
-            object,
-            id: id.into(),
-            slots,
-            ttft,
-            tps,
-            cost,
-            models: models.into_iter().collect(),
-            fixed_net,
-            lat,
-            lon,
-            running: 0,
-            active: 0,
-            waiting: VecDeque::new(),
-            busy_ms: 0.0,
-            completed: 0,
-            last_used_at: None,
-            dirty: false,
-        })
-        .collect();
-    let by_id = workers.iter().enumerate().map(|(i, w)| (w.id.clone(), i)).collect();
-    let mut converted = Vec::with_capacity(jobs.len());
-    for (i, item) in jobs.into_iter().enumerate() {
-        let get = |name: &Bound<'py, PyString>| item.getattr(name);
-        let at: f64 = get(intern!(py, "at_ms"))?.extract()?;
-        let timeout = get(intern!(py, "timeout_ms"))?.extract::<Option<i64>>()?;
-        let deadline_ms = get(intern!(py, "deadline_ms"))?.extract::<Option<i64>>()?;
-        // As `rbee.simulate.model`: a queued job ends at its timeout, or at
-        // its deadline if that comes first.
-        let deadline_at = deadline_ms.map(|d| at + d as f64);
-        let mut expires = at + timeout.unwrap_or(default_timeout_ms) as f64;
-        if let Some(d) = deadline_at {
-            expires = expires.min(d);
-        }
-        let cls = match classes.get_item(get(intern!(py, "priority"))?)? {
-            Some(c) => c.extract::<i64>()?,
-            None => default_class,
-        };
-        let dict = get(intern!(py, "fields"))?.cast_into::<PyDict>()?;
-        let map = convert_job(&dict)?;
-        converted.push(Job {
-            seq: i as u64 + 1,
-            at,
-            expires,
-            deadline_at,
-            cls: cls.clamp(0, 4),
-            model: get(intern!(py, "model"))?.extract()?,
-            prompt_tokens: get(intern!(py, "prompt_tokens"))?.extract()?,
-            output_tokens: get(intern!(py, "output_tokens"))?.extract()?,
-            lat: get(intern!(py, "latitude"))?.extract()?,
-            lon: get(intern!(py, "longitude"))?.extract()?,
-            item,
-            dict,
-            fields: Some(map),
-            outcome: None,
-            reason: None,
-            worker: None,
-            dispatched: None,
-            start: None,
-            first_token: None,
-            end: None,
-            cost: 0.0,
-            decisions: 0,
-            state: QUEUED,
-            wake_at: None,
-            seen_version: -1,
-            net_ms: 0.0,
-        });
-    }
-    let mut sim = Sim {
-        py,
-        policies: &policies,
-        state: &state,
-        workers,
-        by_id,
-        jobs: converted,
-        network: Network { base_ms: network.0, ms_per_100km: network.1, unknown_ms: network.2 },
-        capacity,
-        aging_ms,
-        lookahead,
-        epoch,
-        now: 0.0,
-        version: 0,
-        dirty: Vec::new(),
-        events: BinaryHeap::new(),
-        event_seq: 0,
-        classes: (0..5).map(|_| ClassQueue::default()).collect(),
-        queued: 0,
-        decisions: 0,
-        unknown_worker: 0,
-        model_mismatch: 0,
-        actions: 0,
-        fallbacks: HashMap::new(),
-        decide_time: Duration::ZERO,
-        update_time: Duration::ZERO,
-        updates: 0,
-        ready: "ready".into(),
-        busy: "busy".into(),
-    };
-    sim.run(progress.as_ref(), tick)?;
-    // What is left to publish (the last completions) is published, so the
-    // state ends as the cluster does.
-    if !sim.dirty.is_empty() {
-        sim.flush();
-    }
-
-    let none = || py.None().into_bound(py);
-    let job_rows = PyList::empty(py);
-    for job in &sim.jobs {
-        let worker = job.worker.map_or_else(none, |w| sim.workers[w].object.clone());
-        let row = PyTuple::new(
-            py,
-            [
-                job.item.clone(),
-                job.seq.into_pyobject(py)?.into_any(),
-                job.cls.into_pyobject(py)?.into_any(),
-                job.at.into_pyobject(py)?.into_any(),
-                job.expires.into_pyobject(py)?.into_any(),
-                opt(py, job.deadline_at)?,
-                job.outcome.into_pyobject(py)?.into_any(),
-                job.reason.as_deref().into_pyobject(py)?.into_any(),
-                worker,
-                opt(py, job.dispatched)?,
-                opt(py, job.start)?,
-                opt(py, job.first_token)?,
-                opt(py, job.end)?,
-                job.cost.into_pyobject(py)?.into_any(),
-                job.decisions.into_pyobject(py)?.into_any(),
-                job.state.into_pyobject(py)?.into_any(),
-                opt(py, job.wake_at)?,
-                job.seen_version.into_pyobject(py)?.into_any(),
-                job.net_ms.into_pyobject(py)?.into_any(),
-            ],
-        )?;
-        job_rows.append(row)?;
-    }
-    let worker_rows = PyList::empty(py);
-    for w in &sim.workers {
-        worker_rows.append((w.busy_ms, w.completed, w.running, w.active, w.last_used_at))?;
-    }
-    let fallbacks = PyDict::new(py);
-    for (class, n) in &sim.fallbacks {
-        fallbacks.set_item(*class, *n)?;
-    }
-    let out = PyDict::new(py);
-    out.set_item("jobs", job_rows)?;
-    out.set_item("workers", worker_rows)?;
-    out.set_item("decisions", sim.decisions)?;
-    out.set_item("unknown_worker", sim.unknown_worker)?;
-    out.set_item("model_mismatch", sim.model_mismatch)?;
-    out.set_item("actions", sim.actions)?;
-    out.set_item("fallbacks", fallbacks)?;
-    out.set_item("decide_s", sim.decide_time.as_secs_f64())?;
-    out.set_item("update_s", sim.update_time.as_secs_f64())?;
-    out.set_item("updates", sim.updates)?;
-    out.set_item("loop_s", started.elapsed().as_secs_f64())?;
-    Ok(out)
 }
