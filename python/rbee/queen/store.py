@@ -9,7 +9,6 @@ WAL mode lets run beside the writer.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import sqlite3
@@ -157,11 +156,16 @@ class Store:
         """One transaction."""
         try:
             conn.execute("BEGIN")
-            # Runs of one statement (a job row, a decision row, ...) go in
-            # one executemany; runs keep their order, so writes to one
-            # table still land in the order they were made.
-            for sql, run in itertools.groupby(work, key=lambda w: w[0]):
-                rows = [params for _, params in run]
+            # Every row of one statement goes in one executemany, in the
+            # order written: a request's job row and decision row arrive
+            # interleaved with other requests' rows, and an executemany per
+            # short run cost more than the rows themselves. Each statement
+            # writes its own table and the batch commits as a whole, so only
+            # the order within a statement can show.
+            runs: dict[str, list[tuple]] = {}
+            for sql, params in work:
+                runs.setdefault(sql, []).append(params)
+            for sql, rows in runs.items():
                 conn.executemany(sql, rows)
                 if sql == _INSERT_DECISION:
                     self._untrimmed["decisions"] += len(rows)
