@@ -84,13 +84,14 @@ pub fn hot_slot(key: &str) -> Option<usize> {
     })
 }
 
-/// The hot fields a worker's slot changes touch: `State.update_worker` sends
-/// them for every job the queen starts or ends and every one the simulator
-/// dispatches or completes. A record keeps them apart from the rest, so that
-/// such an update makes a record that shares everything else with the one it
-/// replaces instead of copying all of the worker's fields (with its `geo`
-/// map and its `models` array) into a new one.
-pub const VOLATILE: [usize; 4] = [STATUS, LOAD, ACTIVE, LAST_USED_AT];
+/// The hot fields that change with every job: the slot fields, which the
+/// queen sends for every job it starts or ends and the simulator for every
+/// one it dispatches or completes, and the speed the queen learns from every
+/// answer. A record keeps them apart from the rest, so that such an update
+/// makes a record that shares everything else with the one it replaces
+/// instead of copying all of the worker's fields (with its `geo` map and its
+/// `models` array) into a new one.
+pub const VOLATILE: [usize; 6] = [STATUS, LOAD, ACTIVE, LATENCY_MS, TOKENS_PER_SEC, LAST_USED_AT];
 
 /// Whether `key` names a volatile field.
 pub fn is_volatile(key: &str) -> bool {
@@ -103,7 +104,9 @@ fn volatile_index(slot: usize) -> Option<usize> {
         STATUS => Some(0),
         LOAD => Some(1),
         ACTIVE => Some(2),
-        LAST_USED_AT => Some(3),
+        LATENCY_MS => Some(3),
+        TOKENS_PER_SEC => Some(4),
+        LAST_USED_AT => Some(5),
         _ => None,
     }
 }
@@ -146,11 +149,14 @@ pub struct RecData {
 
 impl RecData {
     fn new(base: Arc<Base>, vol: [Option<Dynamic>; VOLATILE.len()]) -> Self {
-        let get = |slot: usize| base.hot[slot].as_ref().and_then(num);
+        let get = |slot: usize| match volatile_index(slot) {
+            Some(v) => vol[v].as_ref().and_then(num),
+            None => base.hot[slot].as_ref().and_then(num),
+        };
         let speed = get(TOKENS_PER_SEC)
             .filter(|t| *t > 0.0)
             .map(|tps| (get(LATENCY_MS).unwrap_or(0.0), tps, get(SLOTS).unwrap_or(1.0).max(1.0)));
-        let active = vol[volatile_index(ACTIVE).unwrap()].as_ref().and_then(num).unwrap_or(0.0);
+        let active = get(ACTIVE).unwrap_or(0.0);
         RecData { base, vol, speed, active }
     }
 }
@@ -188,8 +194,9 @@ impl Rec {
     }
 
     /// The record with volatile fields changed by `edit`, which sees them by
-    /// their hot slot (`STATUS`, `LOAD`, `ACTIVE`, `LAST_USED_AT`) and must
-    /// leave them normalised; everything else is shared with this one.
+    /// their hot slot (`STATUS`, `LOAD`, `ACTIVE`, `LATENCY_MS`,
+    /// `TOKENS_PER_SEC`, `LAST_USED_AT`) and must leave them normalised;
+    /// everything else is shared with this one.
     pub fn with_vol(&self, edit: impl FnOnce(&mut VolatileFields)) -> Rec {
         let mut fields = VolatileFields(self.0.vol.clone());
         edit(&mut fields);

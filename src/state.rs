@@ -12,12 +12,15 @@ use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyKeyError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict, PyInt};
 use rhai::{Array, Dynamic, ImmutableString, Map, FLOAT, INT};
 
 use crate::convert::{dict_to_map, map_to_py, ConvertError};
 use crate::errors::conversion_error;
-use crate::record::{is_volatile, Rec, ACTIVE, HOT, LAST_USED_AT, LOAD, SLOTS, STATUS, VOLATILE};
+use crate::record::{
+    is_volatile, Rec, ACTIVE, HOT, LAST_USED_AT, LATENCY_MS, LOAD, SLOTS, STATUS, TOKENS_PER_SEC,
+    VOLATILE,
+};
 
 pub const STATE_KEYS: &[&str] = &["workers", "pools", "gpus", "models", "tenants", "queue", "now"];
 
@@ -378,15 +381,18 @@ impl StateData {
         Some(())
     }
 
-    /// `update_worker(id, {active, status, last_used_at})` for a caller in
-    /// Rust that has the values already (the simulator, on every dispatch
-    /// and completion): the same record, without making and reading a map.
+    /// `update_worker(id, {active, status, last_used_at, latency_ms,
+    /// tokens_per_sec})` for a caller that has the values already (the
+    /// simulator on every dispatch and completion, the queen on every job it
+    /// starts and ends): the same record, without making and reading a map.
+    /// `None` leaves a field as it is. `None` answered: no such worker.
     pub fn update_slots(
         &mut self,
         id: &str,
         active: INT,
         status: &ImmutableString,
         last_used_at: Option<INT>,
+        (latency_ms, tokens_per_sec): (Option<Dynamic>, Option<Dynamic>),
     ) -> Option<()> {
         let i = self.workers.binary_search_by(|(wid, _)| wid.as_str().cmp(id)).ok()?;
         let rec = self.workers[i].1.read_lock::<Rec>()?.clone();
@@ -397,6 +403,12 @@ impl StateData {
             vol[LOAD] = Some(Dynamic::from_float(load_of(active, slots)));
             if let Some(at) = last_used_at {
                 vol[LAST_USED_AT] = Some(Dynamic::from_int(at));
+            }
+            if latency_ms.is_some() {
+                vol[LATENCY_MS] = latency_ms;
+            }
+            if tokens_per_sec.is_some() {
+                vol[TOKENS_PER_SEC] = tokens_per_sec;
             }
         });
         self.replace_worker(i, Dynamic::from(updated));
@@ -577,6 +589,22 @@ impl State {
     }
 }
 
+/// A number argument as the state keeps it: an int stays an int, as it
+/// would through `update_worker`.
+fn number_arg(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Dynamic>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(None) };
+    if obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>() {
+        return Ok(Some(Dynamic::from_int(obj.extract()?)));
+    }
+    match obj.extract::<FLOAT>() {
+        Ok(f) if !obj.is_instance_of::<PyBool>() => Ok(Some(Dynamic::from_float(f))),
+        _ => Err(PyTypeError::new_err(format!(
+            "{name} must be a number or None, not {}",
+            obj.get_type().name()?
+        ))),
+    }
+}
+
 fn dict_arg<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyDict>> {
     obj.cast::<PyDict>()
         .cloned()
@@ -621,6 +649,37 @@ impl State {
             .and_then(|m| check_update(worker_id, &m).map(|()| m))
             .map_err(|e| conversion_error(py, &e))?;
         match self.update(|s| s.update_worker(worker_id, map)) {
+            Some(()) => Ok(()),
+            None => Err(PyKeyError::new_err(format!("no worker with id '{worker_id}'"))),
+        }
+    }
+
+    /// What `update_worker` does with `active`, `status`, `last_used_at`,
+    /// `latency_ms` and `tokens_per_sec`, for the queen's updates on every
+    /// job it starts and ends: plain arguments instead of a dict to convert
+    /// (`None` leaves a field as it is). KeyError when no worker has that id.
+    #[pyo3(signature = (worker_id, active, status, last_used_at = None, latency_ms = None,
+                        tokens_per_sec = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn update_slots(
+        &self,
+        py: Python<'_>,
+        worker_id: &str,
+        active: INT,
+        status: &str,
+        last_used_at: Option<INT>,
+        latency_ms: Option<&Bound<'_, PyAny>>,
+        tokens_per_sec: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        if active < 0 {
+            // Refused as `update_worker` refuses it, with the same message.
+            let fields = Map::from_iter([("active".into(), Dynamic::from_int(active))]);
+            check_update(worker_id, &fields).map_err(|e| conversion_error(py, &e))?;
+        }
+        let status = ImmutableString::from(status);
+        let learned =
+            (number_arg(latency_ms, "latency_ms")?, number_arg(tokens_per_sec, "tokens_per_sec")?);
+        match self.update(|s| s.update_slots(worker_id, active, &status, last_used_at, learned)) {
             Some(()) => Ok(()),
             None => Err(PyKeyError::new_err(format!("no worker with id '{worker_id}'"))),
         }

@@ -17,7 +17,7 @@ def _changes(journal: StateJournal, count: int) -> list[dict]:
     each (index i: after i changes)."""
     seen = [journal.state.to_dict()]
     for n in range(count):
-        match n % 5:
+        match n % 6:
             case 0:
                 journal.upsert_worker(_worker(f"w{n}", cost_per_token=n))
             case 1:
@@ -27,7 +27,9 @@ def _changes(journal: StateJournal, count: int) -> list[dict]:
             case 3:
                 journal.update_worker(f"w{n - 3}", {"latency_ms": float(n)})
             case 4:
-                journal.remove_worker(f"w{n - 4}")
+                journal.update_slots(f"w{n - 4}", n % 3, "ready", n, None, float(n))
+            case 5:
+                journal.remove_worker(f"w{n - 5}")
         seen.append(journal.state.to_dict())
     return seen
 

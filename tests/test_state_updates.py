@@ -36,6 +36,8 @@ fn schedule_job(job, pools, workers) {{
         "workers.filter(|w| w.load < 0.5).min_by(|w| w.cost_per_token)",
         'all_workers.filter(|w| w.status == "ready" && !(w.id in job.failed_workers))'
         ".max_by(|w| w.vram_free)",
+        'log(`${workers.map(|w| w.estimated_time)}`); '
+        "workers.filter(|w| w.estimated_time != ()).min_by(|w| w.estimated_time)",
     ])
 ]
 
@@ -75,6 +77,10 @@ def random_fields(rng: random.Random) -> dict[str, Any]:
         "load": round(rng.random(), 3),
         "vram_free": rng.randint(0, 80) * GIB,
         "last_used_at": rng.randint(0, 10**12),
+        # What the queen learns from every answer: time to first token and
+        # speed, which `estimated_time` reads.
+        "latency_ms": rng.choice([rng.randint(20, 900), rng.random() * 500]),
+        "tokens_per_sec": rng.choice([rng.randint(20, 150), rng.random() * 200, 0]),
         "model": rng.choice(MODELS),
         "labels": {"tier": rng.choice(["gold", "spot"]), "n": [1, 2.5, None]},
         "priority": None,
@@ -151,6 +157,49 @@ def test_random_updates_match_a_state_built_from_scratch(seed: int) -> None:
         assert_same(state, model, rng, decide=step % 3 == 0)
     # The sequence went through every kind of change, eligibility flips included.
     assert all(n >= 10 for n in counts.values()), counts
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_update_slots_is_update_worker_without_the_dict(seed: int) -> None:
+    """The queen's per-job update: the same state as `update_worker` of the
+    same fields, None leaving a field as it is."""
+    rng = random.Random(seed)
+    workers = [random_worker(rng, f"w{i}") for i in range(6)]
+    by_slots, by_dict = State({"workers": workers}), State({"workers": workers})
+    for step in range(200):
+        wid = rng.choice(workers)["id"]
+        args = (wid, rng.randint(0, 5), rng.choice(STATUSES),
+                rng.choice([None, rng.randint(0, 10**12)]),
+                rng.choice([None, rng.randint(1, 900), rng.random() * 900]),
+                rng.choice([None, rng.randint(1, 150), rng.random() * 150, 0.0]))
+        names = ("active", "status", "last_used_at", "latency_ms", "tokens_per_sec")
+        by_slots.update_slots(*args)
+        by_dict.update_worker(wid, {k: v for k, v in zip(names, args[1:]) if v is not None})
+        assert by_slots.to_dict() == by_dict.to_dict()
+        if step % 10 == 0:
+            job = make_job(id=f"job-{step}", failed_workers=[])
+            for policy in POLICIES:
+                assert outcome(policy, job, by_slots) == outcome(policy, job, by_dict)
+    # An int stays an int, as through update_worker.
+    by_slots.update_slots("w0", 1, "ready", None, 120, 30)
+    assert worker_of(by_slots, "w0")["latency_ms"] == 120
+    assert isinstance(worker_of(by_slots, "w0")["latency_ms"], int)
+
+
+def test_update_slots_refuses_what_update_worker_refuses() -> None:
+    state = State(cluster_snapshot())
+    before = state.to_dict()
+    with pytest.raises(ValueConversionError) as info:
+        state.update_slots("ams-4090", -1, "ready")
+    assert str(info.value) == \
+        "worker['ams-4090'].active: expected a whole number, 0 or more, got -1 (int)"
+    with pytest.raises(KeyError, match="no worker with id 'gpu-99'"):
+        state.update_slots("gpu-99", 1, "ready")
+    with pytest.raises(TypeError, match="latency_ms must be a number or None, not str"):
+        state.update_slots("ams-4090", 1, "ready", None, "fast")
+    with pytest.raises(TypeError, match="tokens_per_sec must be a number or None, not bool"):
+        state.update_slots("ams-4090", 1, "ready", None, None, True)
+    assert state.to_dict() == before
 
 
 def test_updates_from_an_empty_state_to_empty_again() -> None:

@@ -427,7 +427,7 @@ impl<'py> Sim<'_, 'py> {
             worker.dirty = false;
             let status = if worker.active >= worker.slots { &self.busy } else { &self.ready };
             let (active, at) = (worker.active, worker.last_used_at);
-            self.state.update(|s| s.update_slots(&worker.id, active, status, at));
+            self.state.update(|s| s.update_slots(&worker.id, active, status, at, (None, None)));
         }
         self.updates += self.dirty.len() as i64;
         self.dirty.clear();
@@ -653,7 +653,7 @@ impl<'py> Sim<'_, 'py> {
             }
         }
         if let Some(p) = progress {
-            if count % tick != 0 {
+            if !count.is_multiple_of(tick) {
                 p.call1((count % tick,))?;
             }
         }

@@ -217,12 +217,10 @@ class Registry:
         `observe` learned) without converting the whole worker again; the
         engine works out `load`. A worker the state does not hold gets all
         of it, as `_publish` would."""
-        fields = {"active": worker.active, "status": worker.status,
-                  "last_used_at": worker.last_used_at, "latency_ms": worker.latency_ms,
-                  "tokens_per_sec": worker.tokens_per_sec}
         try:
-            self.journal.update_worker(
-                worker.id, {k: v for k, v in fields.items() if v is not None})
+            self.journal.update_slots(worker.id, worker.active, worker.status,
+                                      worker.last_used_at, worker.latency_ms,
+                                      worker.tokens_per_sec)
         except KeyError:
             self.journal.upsert_worker(worker.snapshot())
         self.on_change()

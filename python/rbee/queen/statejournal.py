@@ -21,10 +21,12 @@ from rbee.scheduler import State
 
 __all__ = ["JournalWindow", "StateJournal"]
 
-# An entry: ("update", worker id, ((field, value), ...)), ("upsert", worker),
-# ("remove", worker id) or ("replace", section, items). Updates, the entries
-# of every request, hold tuples of plain values: the garbage collector stops
-# tracking those, where it would walk dicts on every full collection.
+# An entry: ("slots", worker id, active, status, last_used_at, latency_ms,
+# tokens_per_sec), ("update", worker id, ((field, value), ...)), ("upsert",
+# worker), ("remove", worker id) or ("replace", section, items). Slot
+# changes, the entries of every request, are tuples of plain values: the
+# garbage collector stops tracking those, where it would walk dicts on every
+# full collection.
 Entry = tuple
 
 
@@ -51,6 +53,16 @@ class StateJournal:
     def update_worker(self, worker_id: str, fields: dict[str, Any]) -> None:
         self.state.update_worker(worker_id, fields)
         self._record(("update", worker_id, tuple(fields.items())))
+
+    def update_slots(self, worker_id: str, active: int, status: str,
+                     last_used_at: int | None, latency_ms: float | None,
+                     tokens_per_sec: float | None) -> None:
+        """`update_worker` of the fields that change with every job (None:
+        unchanged), without a dict on the way."""
+        self.state.update_slots(worker_id, active, status, last_used_at, latency_ms,
+                                tokens_per_sec)
+        self._record(("slots", worker_id, active, status, last_used_at, latency_ms,
+                      tokens_per_sec))
 
     def remove_worker(self, worker_id: str) -> None:
         self.state.remove_worker(worker_id)
@@ -113,7 +125,9 @@ class JournalWindow:
 
 def _apply(state: State, entry: Entry) -> None:
     kind = entry[0]
-    if kind == "update":
+    if kind == "slots":
+        state.update_slots(*entry[1:])
+    elif kind == "update":
         state.update_worker(entry[1], dict(entry[2]))
     elif kind == "upsert":
         state.upsert_worker(entry[1])
