@@ -11,6 +11,7 @@ import time
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from rbee import templates
 from queen_harness import QueenHarness, eventually, new_event
@@ -431,13 +432,41 @@ def test_latency_and_speed_are_learned_from_real_responses(harness):
 
 
 def test_metrics_cover_decisions_queue_workers_and_tokens(harness):
-    chat(harness.openai())
+    client = harness.openai()
+    for _ in range(3):
+        chat(client)
     with harness.http() as http:
         text = http.get("/metrics").text
     for name in ("rbee_decisions_total{outcome=\"dispatch\"}", "rbee_decision_seconds_bucket",
                  "rbee_queue_depth", "rbee_worker_in_flight", "rbee_upstream_seconds_bucket",
                  "rbee_tokens_total", "rbee_requests_total"):
         assert name in text, name
+
+    def samples() -> dict[str, list]:
+        with harness.http() as http:
+            families = text_string_to_metric_families(http.get("/metrics").text)
+            found: dict[str, list] = {}
+            for family in families:
+                for sample in family.samples:
+                    found.setdefault(sample.name, []).append(sample)
+        return found
+
+    def total(found: dict[str, list], name: str, **labels: str) -> float:
+        return sum(s.value for s in found.get(name, [])
+                   if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    # The answer goes out before the queen counts the upstream's time and
+    # tokens, so the last request's figures may come a moment later.
+    assert eventually(lambda: total(samples(), "rbee_upstream_seconds_count") == 3)
+    found = samples()
+    assert total(found, "rbee_requests_total", endpoint="chat.completions", status="200") == 3
+    assert total(found, "rbee_decisions_total", outcome="dispatch") == 3
+    assert total(found, "rbee_decision_seconds_count") == 3
+    buckets = [s.value for s in found["rbee_decision_seconds_bucket"]]
+    assert buckets == sorted(buckets) and buckets[-1] == 3  # cumulative, +Inf last
+    assert total(found, "rbee_decision_seconds_sum") > 0
+    assert all(s.value == 0 for s in found["rbee_worker_in_flight"])
+    assert total(found, "rbee_tokens_total", kind="completion") > 0
 
 
 def test_a_worker_that_stops_answering_is_down_until_it_answers(harness):
