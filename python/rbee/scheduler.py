@@ -213,6 +213,9 @@ class Scheduler:
         self._active = policy or self.default
         self._last_good: Policy | None = None
         self._active_worked = False
+        # The chain as `_chain` answers it, until a change of the policies
+        # in it (set and cleared under the lock, read without it).
+        self._chain_now: tuple[tuple[str, Policy], ...] | None = None
         self.fallbacks: dict[str, int] = {}
 
     @property
@@ -233,14 +236,18 @@ class Scheduler:
                 self._last_good = self._active
             self._active = policy
             self._active_worked = validated
+            self._chain_now = None
 
-    def _chain(self) -> list[tuple[str, Policy]]:
-        with self._lock:
-            chain = [("active", self._active)]
-            if self._last_good is not None and self._last_good is not self._active:
-                chain.append(("last_good", self._last_good))
-            if self._active is not self.default:
-                chain.append(("default", self.default))
+    def _chain(self) -> tuple[tuple[str, Policy], ...]:
+        chain = self._chain_now
+        if chain is None:
+            with self._lock:
+                links = [("active", self._active)]
+                if self._last_good is not None and self._last_good is not self._active:
+                    links.append(("last_good", self._last_good))
+                if self._active is not self.default:
+                    links.append(("default", self.default))
+                chain = self._chain_now = tuple(links)
         return chain
 
     def decide(self, job: Mapping[str, Any], state: Any, *, now_ms: int | None = None,
@@ -262,9 +269,15 @@ class Scheduler:
                     exc.location(), exc.message,
                 )
                 continue
-            if policy is not self.default:
+            # Read without the lock first: nearly every decision finds
+            # nothing to change, and at worst the lock is taken for nothing.
+            if policy is not self.default and (
+                    self._last_good is not policy
+                    or (policy is self._active and not self._active_worked)):
                 with self._lock:
-                    self._last_good = policy
+                    if self._last_good is not policy:
+                        self._last_good = policy
+                        self._chain_now = None
                     if policy is self._active:
                         self._active_worked = True
             if failures:
