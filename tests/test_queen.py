@@ -528,3 +528,26 @@ def test_pools_register_heartbeat_and_bring_workers(harness):
                                ' workers.filter(|w| w.pool == "garage").first() }'
                       ).status_code == 200
     assert chat(harness.openai())[0] == "garage-8b"
+
+
+@pytest.mark.parametrize("path, body, chars", [
+    ("/v1/chat/completions",
+     {"model": "llama-3.1-8b-instruct", "messages": [
+         {"role": "system", "content": "a" * 40}, {"role": "user", "content": "b" * 20}]}, 60),
+    # Content parts: the text counts, an image's URL does not.
+    ("/v1/chat/completions",
+     {"model": "llama-3.1-8b-instruct", "messages": [{"role": "user", "content": [
+         {"type": "text", "text": "c" * 80},
+         {"type": "image_url", "image_url": {"url": "http://example.invalid/" + "x" * 500}}]}]},
+     80),
+    ("/v1/completions", {"model": "llama-3.1-8b-instruct", "prompt": ["d" * 32, "e" * 8]}, 40),
+    ("/v1/embeddings", {"model": "bge-small", "input": "f" * 400}, 400),
+])
+def test_the_prompt_estimate_counts_the_text_of_each_request_shape(harness, path, body, chars):
+    """A policy sees `job.prompt_tokens`: about four characters a token."""
+    with harness.http() as http:
+        answer = http.post(path, json=body)
+        assert answer.status_code == 200, answer.text
+        job_id = answer.headers["X-Rbee-Job"]
+        decisions = http.get("/v1/decisions", params={"job_id": job_id}).json()["decisions"]
+    assert decisions[0]["job"]["prompt_tokens"] == chars // 4

@@ -39,14 +39,26 @@ def _positive_int(value: Any, param: str) -> int:
 
 
 def _text_size(value: Any) -> int:
-    """A rough prompt size in characters, for the token estimate."""
+    """A rough prompt size in characters, for the token estimate: the
+    strings, and in objects their `content` and `text`."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, list):
-        return sum(_text_size(v) for v in value)
     if isinstance(value, dict):
-        return sum(_text_size(v) for k, v in value.items() if k in ("content", "text"))
-    return 0
+        value = [value.get("content"), value.get("text")]
+    elif not isinstance(value, list):
+        return 0
+    size = 0
+    for item in value:
+        # Chat messages: plain strings under "content", looked at here
+        # rather than through a call per message.
+        if isinstance(item, dict):
+            content = item.get("content")
+            size += len(content) if isinstance(content, str) else _text_size(content)
+            if "text" in item:
+                size += _text_size(item["text"])
+        elif item is not None:
+            size += _text_size(item)
+    return size
 
 
 def _geo_header(value: str) -> dict[str, float]:

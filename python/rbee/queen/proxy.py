@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 import orjson
 
 from rbee.queen.core import Queen
-from rbee.queen.frontdoor import decode_body, parse_job, RBEE_BODY_FIELDS
+from rbee.queen.frontdoor import decode_body, parse_job
 from rbee.queen.jobs import Job, JobError, now_ms
 from rbee.queen.registry import Worker
 from rbee.queen.upstream import UpstreamError, UpstreamPool, UpstreamResponse
@@ -81,9 +81,11 @@ class Proxy:
         with the job recorded and counted whatever happens."""
         queen = self.queen
         body = decode_body(raw)
-        had_extras = any(k in body for k in RBEE_BODY_FIELDS)
+        fields = len(body)
         job = parse_job(endpoint, body, headers,
                         default_timeout_ms=queen.config.queue.default_timeout_ms)
+        # parse_job took out the fields only rbee reads, if there were any.
+        had_extras = len(body) != fields
         if tenant is not None:
             job.tenant_id = tenant.id
         started = time.perf_counter()
