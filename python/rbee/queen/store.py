@@ -158,10 +158,10 @@ class Store:
             conn.execute("BEGIN")
             # Every row of one statement goes in one executemany, in the
             # order written: a request's job row and decision row arrive
-            # interleaved with other requests' rows, and an executemany per
-            # short run cost more than the rows themselves. Each statement
-            # writes its own table and the batch commits as a whole, so only
-            # the order within a statement can show.
+            # interleaved with other requests' rows, and an executemany for
+            # each short run cost about a tenth more (docs/benchmarks.md).
+            # Each statement writes its own table and the batch commits as a
+            # whole, so only the order within a statement can show.
             runs: dict[str, list[tuple]] = {}
             for sql, params in work:
                 runs.setdefault(sql, []).append(params)
