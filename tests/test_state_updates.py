@@ -1,4 +1,4 @@
-"""Incremental worker updates of `State` (src/state.rs): upsert_worker,
+"""Incremental worker updates of `State` (src/state/): upsert_worker,
 update_worker and remove_worker edit the worker arrays in place, and must
 leave the state exactly as building it from scratch would."""
 
