@@ -176,23 +176,6 @@ impl Rec {
         Rec(Arc::new(RecData::new(Arc::new(Base { map, hot }), vol)))
     }
 
-    /// The record with some volatile fields changed, sharing the rest with
-    /// this one; `None` when `fields` names anything else. `fields` must be
-    /// final (normalised): they are stored as given.
-    pub fn with_volatile(&self, fields: &Map) -> Option<Rec> {
-        let slots: Vec<(usize, &Dynamic)> = fields
-            .iter()
-            .map(|(key, value)| {
-                hot_slot(key).filter(|s| volatile_index(*s).is_some()).map(|s| (s, value))
-            })
-            .collect::<Option<_>>()?;
-        Some(self.with_vol(|vol| {
-            for (slot, value) in slots {
-                vol[slot] = Some(value.clone());
-            }
-        }))
-    }
-
     /// The record with volatile fields changed by `edit`, which sees them by
     /// their hot slot (`STATUS`, `LOAD`, `ACTIVE`, `LATENCY_MS`,
     /// `TOKENS_PER_SEC`, `LAST_USED_AT`) and must leave them normalised;

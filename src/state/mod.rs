@@ -20,8 +20,8 @@ use rhai::{Array, Dynamic, ImmutableString, Map, FLOAT, INT};
 
 use crate::convert::{dict_to_map, ConvertError};
 use crate::record::{
-    is_volatile, Rec, ACTIVE, HOT, LAST_USED_AT, LATENCY_MS, LOAD, SLOTS, STATUS, TOKENS_PER_SEC,
-    VOLATILE,
+    hot_slot, is_volatile, Rec, ACTIVE, HOT, LAST_USED_AT, LATENCY_MS, LOAD, SLOTS, STATUS,
+    TOKENS_PER_SEC, VOLATILE,
 };
 
 pub use python::State;
@@ -356,9 +356,9 @@ impl StateData {
         let derived_load = !fields.contains_key("load")
             && (fields.contains_key("active") || fields.contains_key("slots"));
         if let Some(rec) = old.as_ref().filter(|_| fields.keys().all(|k| is_volatile(k))) {
-            // Only slot fields change: normalise them among themselves (with
-            // the worker's `slots`, which `normalise_worker` reads) and keep
-            // the rest of the record as it is.
+            // Only volatile fields change: normalise them among themselves
+            // (with the worker's `slots`, which `normalise_worker` reads) and
+            // keep the rest of the record as it is.
             let mut small: Map = VOLATILE
                 .iter()
                 .chain(&[SLOTS])
@@ -370,10 +370,17 @@ impl StateData {
             }
             normalise_worker(&mut small);
             small.remove("slots");
-            if let Some(updated) = rec.with_volatile(&small) {
-                self.replace_worker(i, Dynamic::from(updated));
-                return Some(());
-            }
+            // Every key left is volatile: the fields were checked above, and
+            // normalising adds only slot fields.
+            let updated = rec.with_vol(|vol| {
+                for (key, value) in small {
+                    if let Some(slot) = hot_slot(&key) {
+                        vol[slot] = Some(value);
+                    }
+                }
+            });
+            self.replace_worker(i, Dynamic::from(updated));
+            return Some(());
         }
         let mut map = old.map(|r| r.fields_map()).unwrap_or_default();
         map.extend(fields);

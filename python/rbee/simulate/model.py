@@ -46,7 +46,6 @@ __all__ = ["Simulation", "RunResult", "JobRecord", "START_EPOCH_MS"]
 START_EPOCH_MS = 1_736_121_600_000
 
 
-
 class JobRecord(NamedTuple):
     """What happened to one job (times in ms from the trace start). The
     engine makes these fields, in this order (``src/simulate/``)."""
