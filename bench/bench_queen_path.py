@@ -34,13 +34,10 @@ from rbee.queen.proxy import Proxy
 from rbee.queen.serve import tune_gc
 from rbee.queen.store import Store
 
-MODEL = "bench-model"
-REQUEST = json.dumps({
-    "model": MODEL,
-    "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                 {"role": "user", "content": "Say something about bees, briefly."}],
-    "max_tokens": 16,
-}).encode()
+from proxy_load import MODEL, REQUEST_BODY  # bench/, the script's own folder
+
+# The request bench_proxy.py's client sends, so the two measure the same job.
+REQUEST = json.dumps(REQUEST_BODY).encode()
 ANSWER = json.dumps({
     "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": MODEL,
     "choices": [{"index": 0, "finish_reason": "stop",
