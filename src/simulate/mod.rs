@@ -77,16 +77,19 @@ pub fn simulate<'py>(
     for (object, id, slots, ttft, tps, cost, models, fixed_net, lat, lon) in workers {
         objects.push(object);
         let models = models.into_iter().collect();
-        sim_workers.push(Worker::new(
-            id.into(),
+        let id = id.into();
+        sim_workers.push(Worker {
+            id,
             slots,
             ttft,
             tps,
             cost,
             models,
             fixed_net,
-            (lat, lon),
-        ));
+            lat,
+            lon,
+            ..Default::default()
+        });
     }
     let mut sim_jobs = Vec::with_capacity(jobs.len());
     for (i, item) in jobs.iter().enumerate() {

@@ -56,25 +56,28 @@ impl Ord for Event {
     }
 }
 
+/// A worker of the simulated cluster; `Default` for the rest of the fields
+/// is an idle one.
+#[derive(Default)]
 pub(super) struct Worker {
-    id: ImmutableString,
-    slots: i64,
-    ttft: f64,
-    tps: f64,
-    cost: f64,
+    pub(super) id: ImmutableString,
+    pub(super) slots: i64,
+    pub(super) ttft: f64,
+    pub(super) tps: f64,
+    pub(super) cost: f64,
     /// Every name of the models it serves (aliases included); empty: any.
-    models: HashSet<String>,
+    pub(super) models: HashSet<String>,
     /// `network_latency_ms`, which replaces the distance formula.
-    fixed_net: Option<f64>,
-    lat: Option<f64>,
-    lon: Option<f64>,
+    pub(super) fixed_net: Option<f64>,
+    pub(super) lat: Option<f64>,
+    pub(super) lon: Option<f64>,
     pub(super) running: i64,
     pub(super) active: i64,
-    waiting: VecDeque<usize>,
+    pub(super) waiting: VecDeque<usize>,
     pub(super) busy_ms: f64,
     pub(super) completed: i64,
     pub(super) last_used_at: Option<INT>,
-    dirty: bool,
+    pub(super) dirty: bool,
 }
 
 pub(super) struct Job<'py> {
@@ -219,41 +222,6 @@ impl<'py> Job<'py> {
             seen_version: -1,
             net_ms: 0.0,
         })
-    }
-}
-
-impl Worker {
-    /// An idle worker: `models` are the names it serves (aliases included;
-    /// empty: any), `fixed_net` its `network_latency_ms`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        id: ImmutableString,
-        slots: i64,
-        ttft: f64,
-        tps: f64,
-        cost: f64,
-        models: HashSet<String>,
-        fixed_net: Option<f64>,
-        (lat, lon): (Option<f64>, Option<f64>),
-    ) -> Self {
-        Worker {
-            id,
-            slots,
-            ttft,
-            tps,
-            cost,
-            models,
-            fixed_net,
-            lat,
-            lon,
-            running: 0,
-            active: 0,
-            waiting: VecDeque::new(),
-            busy_ms: 0.0,
-            completed: 0,
-            last_used_at: None,
-            dirty: false,
-        }
     }
 }
 
